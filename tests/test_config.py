@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+
+from tlkeras.config import Config, dump_yaml, load_config, to_flat_dict
+from tlkeras.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_match_default_yaml():
+    assert load_config(CONFIGS / "default.yaml") == Config()
+
+
+@pytest.mark.parametrize("name", ["smoke.yaml", "cpu.yaml", "cpu_10pct.yaml"])
+def test_variant_files_load_and_only_list_differences(name):
+    import yaml
+
+    listed = yaml.safe_load((CONFIGS / name).read_text())
+    flat_default = to_flat_dict(Config())
+    cfg = to_flat_dict(load_config(CONFIGS / name))
+    for section, values in listed.items():
+        items = values.items() if isinstance(values, dict) else [(None, values)]
+        for key, value in items:
+            dotted = f"{section}.{key}" if key else section
+            assert cfg[dotted] != flat_default[dotted], f"{name}: {dotted} repeats the default"
+
+
+def test_overrides_parse_yaml_scalars():
+    cfg = load_config(None, ["head.epochs=3", "model.weights=null", "finetune.learning_rate=1e-4",
+                             "data.download=false", "finetune.unfreeze=block4"])
+    assert cfg.head.epochs == 3
+    assert cfg.model.weights is None
+    assert cfg.finetune.learning_rate == pytest.approx(1e-4)
+    assert cfg.data.download is False
+    assert cfg.finetune.unfreeze == "block4"
+
+
+def test_override_wins_over_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("head:\n  epochs: 7\n")
+    assert load_config(f).head.epochs == 7
+    assert load_config(f, ["head.epochs=2"]).head.epochs == 2
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["seed=5", "model.weights=/x/w.h5"])
+    f = tmp_path / "resolved.yaml"
+    f.write_text(dump_yaml(cfg))
+    assert load_config(f) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.batchsize=64", "unknown config key 'data.batchsize'; did you mean 'data.batch_size'?"),
+        ("modle.weights=null", "unknown config key 'modle'"),
+        ("head.epochs=three", "config key 'head.epochs' must be int, got 'three'"),
+        ("head.epochs=true", "config key 'head.epochs' must be int, got True"),
+        ("data.download=maybe", "config key 'data.download' must be bool"),
+        ("head.epochs=0", "head.epochs=0 must be greater than 0"),
+        ("data.batch_size=-8", "data.batch_size=-8 must be greater than 0"),
+        ("finetune.epochs=-1", "finetune.epochs=-1 must be 0 or more"),
+        ("runtime.strategy=tpu", "runtime.strategy='tpu' is not one of auto, default, mirrored"),
+        ("head=3", "'head' is a section"),
+        ("noequals", "is not KEY=VALUE"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("head: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

@@ -1,0 +1,66 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tlkeras.config import DataConfig
+from tlkeras.data import augment, make_datasets
+from tlkeras.errors import ConfigError, UserError
+
+
+def test_batches_are_raw_uint8_with_int_labels(mock_cifar):
+    splits = make_datasets(DataConfig(batch_size=8, shuffle_buffer=16))
+    assert (splits.num_train, splits.num_val, splits.num_test) == (24, 24, 24)
+    for ds in (splits.train, splits.val, splits.test):
+        x, y = next(iter(ds))
+        assert x.dtype == tf.uint8 and x.shape == (8, 32, 32, 3)
+        assert y.dtype == tf.int64 and y.shape == (8,)
+    assert sum(int(tf.shape(y)[0]) for _, y in splits.train) == 24  # partial batch kept
+
+
+def test_eval_splits_are_not_augmented_or_shuffled(mock_cifar):
+    splits = make_datasets(DataConfig(batch_size=8, shuffle_buffer=16))
+    a = np.concatenate([x.numpy() for x, _ in splits.test])
+    b = np.concatenate([x.numpy() for x, _ in splits.test])
+    np.testing.assert_array_equal(a, b)
+
+
+def test_train_split_is_augmented(mock_cifar):
+    plain = make_datasets(DataConfig(batch_size=24, shuffle_buffer=1, augment=False, cache=False))
+    aug = make_datasets(DataConfig(batch_size=24, shuffle_buffer=1, augment=True, cache=False))
+    x_plain = next(iter(plain.train))[0].numpy()
+    x_aug = next(iter(aug.train))[0].numpy()
+    assert x_aug.dtype == np.uint8
+    assert not np.array_equal(x_plain, x_aug)
+
+
+def test_augment_is_a_flip_and_shift_of_the_same_pixels():
+    image = tf.random.uniform((32, 32, 3), 0, 255, dtype=tf.int32)
+    image = tf.cast(image, tf.uint8)
+    out = augment(image)
+    assert out.shape == (32, 32, 3) and out.dtype == tf.uint8
+    # Every output pixel value comes from the (reflect-padded) input.
+    assert set(np.unique(out.numpy())) <= set(np.unique(image.numpy()))
+
+
+def test_missing_data_with_download_off_says_where_and_how(tmp_path):
+    with pytest.raises(UserError) as e:
+        make_datasets(DataConfig(data_dir=str(tmp_path), download=False))
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "data.download=true" in msg and "data.data_dir" in msg
+
+
+def test_malformed_split_is_a_config_error(mock_cifar):
+    with pytest.raises(ConfigError, match=r"data.val_split='train\[:10%' is not a valid tfds split"):
+        make_datasets(DataConfig(val_split="train[:10%"))
+
+
+def test_unknown_split_name_is_a_config_error(assets):
+    cfg = DataConfig(data_dir=str(assets.tfds_dir), download=False, train_split="trian[:10%]")
+    with pytest.raises(ConfigError, match=r"data.train_split='trian\[:10%\]' .*Unknown split 'trian'"):
+        make_datasets(cfg)
+
+
+def test_real_cifar10_counts(assets):
+    cfg = DataConfig(data_dir=str(assets.tfds_dir), download=False, batch_size=500)
+    splits = make_datasets(cfg)
+    assert (splits.num_train, splits.num_val, splits.num_test) == (45_000, 5_000, 10_000)

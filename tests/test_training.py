@@ -1,0 +1,118 @@
+"""The real train_and_evaluate, end to end on mocked data (fast) and real assets (marked)."""
+
+import csv
+import json
+from unittest import mock
+
+import keras
+import pytest
+
+from conftest import tiny_overrides
+from tlkeras.config import dump_yaml, load_config
+from tlkeras.errors import UserError
+from tlkeras.train import main
+from tlkeras.training import train_and_evaluate
+
+
+def read_epochs(run_dir):
+    with (run_dir / "metrics.csv").open() as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("strategy, replicas", [("default", 1), ("mirrored", 2)])
+def test_both_phases_leave_a_complete_run_folder(mock_cifar, tmp_path, strategy, replicas):
+    cfg = load_config(None, tiny_overrides(**{"runtime.strategy": strategy}))
+    run = tmp_path / "run"
+    summary = train_and_evaluate(cfg, run)
+
+    assert summary["replicas"] == replicas
+    assert read_epochs(run) == [0, 1]  # one epoch axis across both phases
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["test_examples"] == 24
+    assert set(summary["phases"]) == {"head", "finetune"}
+    head, ft = summary["phases"]["head"], summary["phases"]["finetune"]
+    assert ft["trainable_parameters"] > head["trainable_parameters"]
+    assert head["images_per_second"] > 0 and ft["first_epoch"] == 2
+    assert len(summary["per_class_test_accuracy"]) == 10
+    assert sum(map(sum, summary["confusion_matrix"])) == 24
+    for name in ("config.yaml", "environment.json", "train.log", "confusion_matrix.png",
+                 "model.keras", "checkpoints/head_best.weights.h5",
+                 "checkpoints/finetune_best.weights.h5"):
+        assert (run / name).is_file(), name
+    assert (run / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert any((run / "tensorboard").rglob("*tfevents*"))
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert load_config(run / "config.yaml") == cfg
+
+
+def test_finished_run_is_never_overwritten(mock_cifar, tmp_path):
+    cfg = load_config(None, tiny_overrides(**{"finetune.epochs": "0"}))
+    train_and_evaluate(cfg, tmp_path)
+    before = (tmp_path / "summary.json").read_bytes()
+    with pytest.raises(UserError, match="holds a finished run"):
+        train_and_evaluate(cfg, tmp_path)
+    assert (tmp_path / "summary.json").read_bytes() == before
+
+
+def test_resume_after_crash_does_not_redo_finished_epochs(mock_cifar, tmp_path):
+    cfg = load_config(None, tiny_overrides(**{"head.epochs": "2", "finetune.epochs": "2"}))
+
+    class Crash(Exception):
+        pass
+
+    seen = []
+
+    def crash_at(epoch_to_crash):
+        def on_epoch_begin(self, epoch, logs=None):
+            seen.append(epoch)
+            if epoch == epoch_to_crash:
+                raise Crash
+        return on_epoch_begin
+
+    # Crash as phase 2's second epoch begins: head done, finetune epoch 2 done.
+    with mock.patch.object(keras.callbacks.TerminateOnNaN, "on_epoch_begin", crash_at(3)):
+        with pytest.raises(Crash):
+            train_and_evaluate(cfg, tmp_path)
+    assert seen == [0, 1, 2, 3]
+    assert read_epochs(tmp_path) == [0, 1, 2]
+
+    seen.clear()
+    with mock.patch.object(keras.callbacks.TerminateOnNaN, "on_epoch_begin", crash_at(-1)):
+        summary = train_and_evaluate(cfg, tmp_path)
+    assert seen == [3]  # only the unfinished epoch ran
+    assert read_epochs(tmp_path) == [0, 1, 2, 3]
+    assert summary["resumed"] is True
+    assert summary["phases"]["finetune"]["epochs_run"] == 1
+
+
+def test_rerun_with_other_config_is_refused(mock_cifar, tmp_path):
+    earlier = load_config(None, tiny_overrides(**{"head.epochs": "9"}))
+    (tmp_path / "config.yaml").write_text(dump_yaml(earlier))
+    cfg = load_config(None, tiny_overrides())
+    with pytest.raises(UserError, match="holds a run with head.epochs=9, not 1"):
+        train_and_evaluate(cfg, tmp_path)
+
+
+def test_cli_errors_are_one_line_with_exit_code(tmp_path, capsys):
+    assert main(["--set", "data.batchsize=3", "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown config key 'data.batchsize'; did you mean 'data.batch_size'?"
+    assert not (tmp_path / "r").exists()  # nothing written for a bad config
+
+    code = main(["--set", "data.download=false", "--set", f"data.data_dir={tmp_path}",
+                 "--run-dir", str(tmp_path / "r2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "CIFAR-10 not found" in err[0]
+
+
+@pytest.mark.real
+def test_real_weights_and_data_phase1_beats_chance_by_far(assets, tmp_path):
+    """ImageNet features at 32x32 give ~0.6 here; random weights ~0.3. Threshold 0.50."""
+    cfg = load_config(None, [
+        f"model.weights={assets.weights}", f"data.data_dir={assets.tfds_dir}",
+        "data.download=false", "model.image_size=32", "data.train_split=train[:5000]",
+        "data.val_split=train[45000:46000]", "data.test_split=test[:2000]",
+        "data.batch_size=64", "head.epochs=3", "finetune.epochs=0",
+    ])  # fmt: skip
+    summary = train_and_evaluate(cfg, tmp_path)
+    assert summary["test_examples"] == 2000
+    assert summary["test_accuracy"] >= 0.50, summary["test_accuracy"]

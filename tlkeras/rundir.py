@@ -1,0 +1,130 @@
+"""The run folder: what is written first, how a rerun resumes, atomic writes.
+
+    runs/<timestamp>-<name>/
+      config.yaml  environment.json  train.log       written first / appended
+      metrics.csv  tensorboard/                      one epoch axis across both phases
+      checkpoints/{head,finetune}_best.weights.h5    best by validation accuracy
+      checkpoints/{head,finetune}.json               a phase's record; marks it finished
+      backup/<phase>/                                BackupAndRestore state while a phase runs
+      model.keras  confusion_matrix.png  summary.json    summary.json marks the run finished
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tlkeras.config import Config, dump_yaml, to_flat_dict
+from tlkeras.errors import UserError
+
+SUMMARY = "summary.json"
+METRICS = "metrics.csv"
+
+
+def default_run_dir(name: str) -> Path:
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+
+
+def prepare(run_dir: Path, cfg: Config, argv: list[str]) -> bool:
+    """Creates the folder or checks that it holds this same unfinished run; True if resuming."""
+    if (run_dir / SUMMARY).exists():
+        raise UserError(
+            f"run folder '{run_dir}' holds a finished run ({SUMMARY} exists); "
+            f"pass a new --run-dir, or delete the folder to train again"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"run folder '{run_dir}' is not writable ({e.strerror}); pass a writable --run-dir"
+        ) from None
+    config_file = run_dir / "config.yaml"
+    if config_file.exists():
+        _check_same_config(config_file, cfg)
+        return True
+    write_atomic(config_file, dump_yaml(cfg))
+    write_json(run_dir / "environment.json", environment(argv))
+    return False
+
+
+def _check_same_config(config_file: Path, cfg: Config) -> None:
+    from tlkeras.config import load_config
+
+    before = to_flat_dict(load_config(config_file))
+    now = to_flat_dict(cfg)
+    changed = [k for k in now if before.get(k) != now[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(
+            f"run folder '{config_file.parent}' holds a run with {k}={before.get(k)!r}, "
+            f"not {now[k]!r}; rerun with the same config to resume, or pass a new --run-dir"
+        )
+
+
+def environment(argv: list[str]) -> dict[str, Any]:
+    import keras
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    return {
+        "command": [sys.executable, "-m", "tlkeras.train", *argv],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "tensorflow_datasets": tfds.__version__,
+        "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write-then-rename, so a crash never leaves a half-written file under `path`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    path = run_dir / METRICS
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def truncate_metrics(run_dir: Path, first_epoch_to_drop: int) -> None:
+    """Drops rows of epochs that will be trained again, so each epoch appears once."""
+    path = run_dir / METRICS
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    header, body = rows[0], rows[1:]
+    keep = [r for r in body if r and int(float(r[0])) < first_epoch_to_drop]
+    if len(keep) == len(body):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        csv.writer(f).writerows([header, *keep])
+    os.replace(tmp, path)

@@ -1,0 +1,48 @@
+"""Train a CIFAR-10 classifier from ImageNet VGG16 in two phases.
+
+    python -m tlkeras.train [--config FILE] [--run-dir DIR] [--set KEY=VALUE ...]
+
+Rerunning the same command with the same --run-dir resumes an interrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tlkeras.errors import run_cli
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tlkeras.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="YAML file listing settings that differ from the defaults")
+    parser.add_argument("--run-dir", type=Path, help="run folder (default runs/<time>-<name>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set head.epochs=3 (repeatable)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter
+
+    def run() -> None:
+        from tlkeras.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        from tlkeras.rundir import default_run_dir
+        from tlkeras.training import train_and_evaluate
+
+        train_and_evaluate(cfg, args.run_dir or default_run_dir(cfg.name), argv)
+
+    return run_cli(run, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

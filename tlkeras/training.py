@@ -1,0 +1,268 @@
+"""Two-phase transfer learning under a tf.distribute strategy.
+
+    summary = train_and_evaluate(load_config("configs/smoke.yaml"), Path("runs/smoke"))
+
+Phase 1 trains the new head over the frozen VGG16 base; phase 2 unfreezes the base (all
+of it or from a named block), recompiles at a low learning rate with warm-up and cosine
+decay, and continues the epoch count. Each phase keeps its best weights by validation
+accuracy; the final model is evaluated once on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tlkeras import rundir
+from tlkeras.config import Config
+from tlkeras.data import CLASS_NAMES, Splits, make_datasets
+from tlkeras.errors import UserError
+from tlkeras.model import build_model, set_finetune_trainable
+from tlkeras.policies import (
+    choose_precision, choose_strategy, per_replica_batch, steps_per_epoch, warmup_steps,
+)  # fmt: skip
+
+log = logging.getLogger("tlkeras")
+PHASES = ("head", "finetune")
+
+
+def make_strategy(requested: str) -> tf.distribute.Strategy:
+    gpus = tf.config.list_physical_devices("GPU")
+    name = choose_strategy(requested, "TF_CONFIG" in os.environ, len(gpus))
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored":
+        # Without GPUs, mirror across the logical CPU devices (how tests get two replicas).
+        devices = None if gpus else [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.get_strategy()
+
+
+def compile_for_phase(model: keras.Model, cfg: Config, phase: str, steps: int) -> None:
+    if phase == "head":
+        learning_rate: Any = cfg.head.learning_rate
+    else:
+        total = cfg.finetune.epochs * steps
+        warmup = warmup_steps(cfg.finetune.warmup_epochs, steps, total)
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0 if warmup else cfg.finetune.learning_rate,
+            decay_steps=total - warmup,
+            warmup_target=cfg.finetune.learning_rate if warmup else None,
+            warmup_steps=warmup,
+        )
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=cfg.runtime.jit_compile,
+        steps_per_execution=cfg.runtime.steps_per_execution,
+    )
+
+
+def _resumed_epoch(backup_dir: Path, default: int) -> int:
+    # BackupAndRestore records the next epoch to run in this file.
+    meta = rundir.read_json(backup_dir / "training_metadata.json")
+    return int(meta["epoch"]) if meta else default
+
+
+def fit_phase(
+    phase: str, cfg: Config, strategy: tf.distribute.Strategy, splits: Splits,
+    run_dir: Path, first_epoch: int, epochs: int, init_weights: Path | None,
+) -> dict[str, Any]:  # fmt: skip
+    """Trains one phase (resuming its backup if any) and returns its record."""
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    best_path = ckpt_dir / f"{phase}_best.weights.h5"
+    backup_dir = run_dir / "backup" / phase
+    steps = steps_per_epoch(splits.num_train, cfg.data.batch_size)
+
+    with strategy.scope():
+        model = build_model(cfg.model, load_weights=init_weights is None)
+        if phase == "finetune":
+            set_finetune_trainable(model, cfg.finetune.unfreeze)
+        if init_weights is not None:
+            model.load_weights(init_weights)
+        compile_for_phase(model, cfg, phase, steps)
+
+    resume_at = _resumed_epoch(backup_dir, first_epoch)
+    rundir.truncate_metrics(run_dir, resume_at)
+    done = [r for r in rundir.read_metrics(run_dir) if r["epoch"] >= first_epoch]
+    best_so_far = max((r["val_accuracy"] for r in done), default=None)
+    if resume_at > first_epoch:
+        log.info("%s: resuming at epoch %d (best val_accuracy so far %s)",
+                 phase, resume_at + 1, best_so_far)  # fmt: skip
+    trainable = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+    log.info("%s: epochs %d-%d, %d trainable parameters, %d steps/epoch, %d replica(s)",
+             phase, first_epoch + 1, first_epoch + epochs, trainable, steps,
+             strategy.num_replicas_in_sync)  # fmt: skip
+
+    callbacks = [
+        # First, so later callbacks see the restored epoch; double: a kill during a
+        # write falls back to the previous epoch's state instead of a corrupt file.
+        keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.ModelCheckpoint(
+            str(best_path), monitor="val_accuracy", mode="max", save_best_only=True,
+            save_weights_only=True, initial_value_threshold=best_so_far,
+        ),  # fmt: skip
+        keras.callbacks.CSVLogger(str(run_dir / rundir.METRICS), append=True),
+        keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
+    ]
+    start = time.perf_counter()
+    history = model.fit(
+        splits.train, validation_data=splits.val, initial_epoch=first_epoch,
+        epochs=first_epoch + epochs, callbacks=callbacks,
+        verbose=1 if sys.stdout.isatty() else 2,
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    losses = history.history.get("loss", [])
+    if any(not math.isfinite(v) for v in losses):
+        raise UserError(
+            f"{phase}: the loss became NaN/inf; training stopped. The best weights so far "
+            f"are in '{best_path}'. Lower {phase}.learning_rate and rerun with a new --run-dir"
+        )
+    if not best_path.exists():  # no epoch ran in this call and none was saved before
+        model.save_weights(best_path)
+
+    rows = [r for r in rundir.read_metrics(run_dir) if r["epoch"] >= first_epoch]
+    best = max(rows, key=lambda r: r["val_accuracy"])
+    epochs_run = len(losses)
+    record = {
+        "epochs": epochs,
+        "first_epoch": first_epoch + 1,
+        "best_epoch": int(best["epoch"]) + 1,
+        "val_accuracy": best["val_accuracy"],
+        "train_accuracy": rows[-1]["accuracy"],
+        "trainable_parameters": trainable,
+        "wall_time_s": round(wall, 1),
+        # Of this invocation only: a resumed phase reports the epochs it ran itself.
+        "epochs_run": epochs_run,
+        "images_per_second": round(epochs_run * splits.num_train / wall, 1) if epochs_run else None,
+        "best_weights": str(best_path.relative_to(run_dir)),
+    }
+    rundir.write_json(ckpt_dir / f"{phase}.json", record)
+    return record
+
+
+def evaluate(model: keras.Model, test: tf.data.Dataset) -> dict[str, Any]:
+    labels = np.concatenate([y.numpy() for _, y in test])
+    probs = model.predict(test, verbose=0)
+    preds = probs.argmax(axis=1)
+    matrix = tf.math.confusion_matrix(labels, preds, num_classes=len(CLASS_NAMES)).numpy()
+    per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
+    return {
+        "test_accuracy": float((preds == labels).mean()),
+        "test_examples": int(labels.size),
+        "per_class_test_accuracy": dict(zip(CLASS_NAMES, per_class.round(4).tolist())),
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def save_confusion_png(matrix: list[list[int]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(m / np.maximum(m.sum(axis=1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                color="white" if v > m.sum(axis=1)[i] / 2 else "black")  # fmt: skip
+    ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"CIFAR-10 test, accuracy {m.trace() / max(m.sum(), 1):.3f}")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def train_and_evaluate(cfg: Config, run_dir: Path, argv: list[str] = ()) -> dict[str, Any]:
+    """Both phases, the test evaluation, model.keras and summary.json in `run_dir`."""
+    start = time.perf_counter()
+    resuming = rundir.prepare(run_dir, cfg, list(argv))
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        return _train(cfg, run_dir, resuming, start)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _train(cfg: Config, run_dir: Path, resuming: bool, start: float) -> dict[str, Any]:
+    log.info("%s run in %s", "resuming" if resuming else "starting", run_dir)
+    keras.utils.set_random_seed(cfg.seed)
+    strategy = make_strategy(cfg.runtime.strategy)
+    gpus = tf.config.list_physical_devices("GPU")
+    precision = choose_precision(cfg.runtime.mixed_precision, len(gpus))
+    keras.mixed_precision.set_global_policy(precision)
+    replicas = strategy.num_replicas_in_sync
+    per_replica = per_replica_batch(cfg.data.batch_size, replicas)
+    log.info("strategy %s, %d replica(s) x %d images, precision %s",
+             type(strategy).__name__, replicas, per_replica, precision)  # fmt: skip
+
+    splits = make_datasets(cfg.data, cfg.seed)
+    log.info("data: %d train, %d val, %d test images",
+             splits.num_train, splits.num_val, splits.num_test)  # fmt: skip
+
+    records: dict[str, Any] = {}
+    weights: Path | None = None
+    epoch = 0
+    for phase, epochs in (("head", cfg.head.epochs), ("finetune", cfg.finetune.epochs)):
+        if epochs == 0:
+            continue
+        record = rundir.read_json(run_dir / "checkpoints" / f"{phase}.json")
+        if record:
+            log.info("%s: finished earlier (val_accuracy %.4f); not redone",
+                     phase, record["val_accuracy"])  # fmt: skip
+        else:
+            record = fit_phase(phase, cfg, strategy, splits, run_dir, epoch, epochs, weights)
+        records[phase] = record
+        weights = run_dir / record["best_weights"]
+        epoch += epochs
+
+    with strategy.scope():
+        model = build_model(cfg.model, load_weights=False)
+        model.load_weights(weights)
+    results = evaluate(model, splits.test)
+    save_confusion_png(results["confusion_matrix"], run_dir / "confusion_matrix.png")
+    tmp_model = run_dir / ".model.tmp.keras"
+    model.save(tmp_model)
+    os.replace(tmp_model, run_dir / "model.keras")
+
+    last = records[list(records)[-1]]
+    summary = {
+        "test_accuracy": results.pop("test_accuracy"),
+        "val_accuracy": last["val_accuracy"],
+        **results,
+        "phases": records,
+        "wall_time_s": round(time.perf_counter() - start, 1),
+        "resumed": resuming,
+        "strategy": type(strategy).__name__,
+        "replicas": replicas,
+        "precision": precision,
+        "class_names": list(CLASS_NAMES),
+        "model": "model.keras",
+    }
+    rundir.write_json(run_dir / rundir.SUMMARY, summary)
+    log.info("test accuracy %.4f on %d images (val %.4f), %.0f s",
+             summary["test_accuracy"], summary["test_examples"], summary["val_accuracy"],
+             summary["wall_time_s"])  # fmt: skip
+    return summary
