@@ -48,7 +48,22 @@ def tiny_overrides(**extra: str) -> list[str]:
     base = {
         "model.weights": "null", "model.image_size": "32", "model.head_units": "16",
         "data.batch_size": "8", "data.shuffle_buffer": "32", "head.epochs": "1",
-        "finetune.epochs": "1", "finetune.unfreeze": "block5",
+        "finetune.epochs": "1", "finetune.unfreeze": "block5", "export.enabled": "false",
     }  # fmt: skip
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """A random-weight model exported once: (keras model, export base, export record)."""
+    import numpy as np
+
+    from tlkeras.config import ModelConfig
+    from tlkeras.export import export_model
+    from tlkeras.model import build_model
+
+    base = tmp_path_factory.mktemp("export")
+    model = build_model(ModelConfig(weights=None, image_size=32, head_units=16))
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    return model, base, export_model(model, base, "tlkeras", images)

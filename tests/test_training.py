@@ -19,9 +19,10 @@ def read_epochs(run_dir):
         return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
-@pytest.mark.parametrize("strategy, replicas", [("default", 1), ("mirrored", 2)])
-def test_both_phases_leave_a_complete_run_folder(mock_cifar, tmp_path, strategy, replicas):
-    cfg = load_config(None, tiny_overrides(**{"runtime.strategy": strategy}))
+@pytest.mark.parametrize("strategy, replicas, export", [("default", 1, "true"), ("mirrored", 2, "false")])
+def test_both_phases_leave_a_complete_run_folder(mock_cifar, tmp_path, strategy, replicas, export):
+    overrides = {"runtime.strategy": strategy, "export.enabled": export}
+    cfg = load_config(None, tiny_overrides(**overrides))
     run = tmp_path / "run"
     summary = train_and_evaluate(cfg, run)
 
@@ -42,6 +43,13 @@ def test_both_phases_leave_a_complete_run_folder(mock_cifar, tmp_path, strategy,
     assert any((run / "tensorboard").rglob("*tfevents*"))
     assert json.loads((run / "summary.json").read_text()) == summary
     assert load_config(run / "config.yaml") == cfg
+    if export == "true":
+        (record,) = summary["exports"]
+        assert (run / "export" / "tlkeras" / "1" / "saved_model.pb").is_file()
+        assert (run / "export" / "onnx" / "tlkeras" / "1" / "model.onnx").is_file()
+        assert record["parity"]["onnx"]["max_abs_diff"] <= 1e-4
+    else:
+        assert summary["exports"] == [] and not (run / "export").exists()
 
 
 def test_finished_run_is_never_overwritten(mock_cifar, tmp_path):

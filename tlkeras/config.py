@@ -72,6 +72,13 @@ class RuntimeConfig:
 
 
 @dataclass
+class ExportConfig:
+    enabled: bool = True  # SavedModel + ONNX, parity-checked, at the end of training
+    name: str = "tlkeras"  # TF Serving's model name: <base>/<name>/<version>/
+    base: str | None = None  # None: <run_dir>/export
+
+
+@dataclass
 class Config:
     name: str = "vgg16-cifar10"
     seed: int = 0
@@ -80,6 +87,7 @@ class Config:
     head: HeadConfig = field(default_factory=HeadConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 CHOICES = {

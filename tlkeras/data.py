@@ -18,10 +18,6 @@ from tlkeras.config import DataConfig
 from tlkeras.errors import ConfigError, UserError
 
 DATASET = "cifar10"
-CLASS_NAMES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
 IMAGE_SHAPE = (32, 32, 3)
 PAD = 4  # random translation of up to 4 pixels, the usual CIFAR augmentation
 

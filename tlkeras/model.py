@@ -14,7 +14,8 @@ from pathlib import Path
 import keras
 
 from tlkeras.config import ModelConfig
-from tlkeras.data import CLASS_NAMES, IMAGE_SHAPE
+from tlkeras import CLASS_NAMES
+from tlkeras.data import IMAGE_SHAPE
 from tlkeras.errors import UserError
 from tlkeras.policies import unfreeze_start
 

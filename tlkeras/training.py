@@ -10,7 +10,6 @@ accuracy; the final model is evaluated once on the test split.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -25,8 +24,10 @@ import tensorflow as tf
 
 from tlkeras import rundir
 from tlkeras.config import Config
-from tlkeras.data import CLASS_NAMES, Splits, make_datasets
+from tlkeras import CLASS_NAMES
+from tlkeras.data import Splits, make_datasets
 from tlkeras.errors import UserError
+from tlkeras.export import export_model
 from tlkeras.model import build_model, set_finetune_trainable
 from tlkeras.policies import (
     choose_precision, choose_strategy, per_replica_batch, steps_per_epoch, warmup_steps,
@@ -247,6 +248,16 @@ def _train(cfg: Config, run_dir: Path, resuming: bool, start: float) -> dict[str
     model.save(tmp_model)
     os.replace(tmp_model, run_dir / "model.keras")
 
+    exports = []
+    if cfg.export.enabled:
+        first_test = np.concatenate([x.numpy() for x, _ in splits.test.take(1)])[:64]
+        base = Path(cfg.export.base) if cfg.export.base else run_dir / "export"
+        exports.append(export_model(model, base, cfg.export.name, first_test))
+        log.info("exported version %d: %s and %s (parity max |diff| %.1e / %.1e)",
+                 exports[0]["version"], exports[0]["savedmodel"], exports[0]["onnx"],
+                 exports[0]["parity"]["savedmodel"]["max_abs_diff"],
+                 exports[0]["parity"]["onnx"]["max_abs_diff"])  # fmt: skip
+
     last = records[list(records)[-1]]
     summary = {
         "test_accuracy": results.pop("test_accuracy"),
@@ -260,6 +271,7 @@ def _train(cfg: Config, run_dir: Path, resuming: bool, start: float) -> dict[str
         "precision": precision,
         "class_names": list(CLASS_NAMES),
         "model": "model.keras",
+        "exports": exports,
     }
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
     log.info("test accuracy %.4f on %d images (val %.4f), %.0f s",

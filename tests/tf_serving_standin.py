@@ -1,0 +1,123 @@
+"""A STAND-IN for TensorFlow Serving, for tests only: it is not TF Serving.
+
+The real tensorflow_model_server cannot be installed here (not on PyPI or Debian, and no
+container engine runs), so the clients are tested against this small server on 127.0.0.1.
+It speaks the two TF Serving protocols the clients use, answering from the exported
+SavedModel's signatures:
+  REST  POST /v1/models/<name>[/versions/<n>]:predict  ("instances" or "inputs", {"b64": ...})
+  gRPC  tensorflow.serving.PredictionService/Predict
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(/versions/\d+)?:predict$")
+
+
+def _decode(value):
+    if isinstance(value, dict) and set(value) == {"b64"}:
+        return base64.b64decode(value["b64"])
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def _tensor(values, spec: tf.TensorSpec) -> tf.Tensor:
+    return tf.constant(values, dtype=spec.dtype)
+
+
+class StandIn:
+    def __init__(self, savedmodel_dir: str, name: str = "tlkeras"):
+        self.name = name
+        self.signatures = tf.saved_model.load(savedmodel_dir).signatures
+        self._lock = threading.Lock()
+
+    def run(self, signature: str, inputs: dict) -> dict[str, np.ndarray]:
+        fn = self.signatures[signature]
+        specs = fn.structured_input_signature[1]
+        with self._lock:
+            out = fn(**{k: _tensor(v, specs[k]) for k, v in inputs.items()})
+        return {k: v.numpy() for k, v in out.items()}
+
+    # --- REST -------------------------------------------------------------------------
+    def rest_predict(self, name: str, body: dict) -> tuple[int, dict]:
+        if name != self.name:
+            return 404, {"error": f"Servable not found for request: Latest({name})"}
+        signature = body.get("signature_name", "serving_default")
+        if signature not in self.signatures:
+            return 400, {"error": f"Serving signature name: \"{signature}\" not found"}
+        (input_name,) = self.signatures[signature].structured_input_signature[1]
+        if "instances" in body:
+            rows = [r[input_name] if isinstance(r, dict) else r for r in body["instances"]]
+            out = self.run(signature, {input_name: _decode(rows)})
+            n = len(rows)
+            return 200, {"predictions": [{k: v[i].tolist() for k, v in out.items()} for i in range(n)]}
+        if "inputs" in body:
+            inputs = body["inputs"]
+            values = inputs[input_name] if isinstance(inputs, dict) else inputs
+            out = self.run(signature, {input_name: _decode(values)})
+            return 200, {"outputs": {k: v.tolist() for k, v in out.items()}}
+        return 400, {"error": "Missing 'inputs' or 'instances' key"}
+
+    def start_rest(self) -> ThreadingHTTPServer:
+        standin = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                match = PATH.match(self.path)
+                try:
+                    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                    code, answer = (standin.rest_predict(match["name"], body) if match
+                                    else (404, {"error": "Malformed request"}))  # fmt: skip
+                except (ValueError, KeyError, tf.errors.OpError) as e:
+                    code, answer = 400, {"error": str(e)[:300]}
+                data = json.dumps(answer).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+    # --- gRPC -------------------------------------------------------------------------
+    def start_grpc(self) -> tuple[grpc.Server, int]:
+        standin = self
+
+        class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+            def Predict(self, request, context):
+                if request.model_spec.name != standin.name:
+                    context.abort(grpc.StatusCode.NOT_FOUND,
+                                  f"Servable not found for request: Latest({request.model_spec.name})")  # fmt: skip
+                signature = request.model_spec.signature_name or "serving_default"
+                inputs = {k: tf.make_ndarray(v).tolist() for k, v in request.inputs.items()}
+                try:
+                    out = standin.run(signature, inputs)
+                except (KeyError, tf.errors.OpError) as e:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)[:300])
+                response = predict_pb2.PredictResponse()
+                for k, v in out.items():
+                    response.outputs[k].CopyFrom(tf.make_tensor_proto(v))
+                return response
+
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(Servicer(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        return server, port
