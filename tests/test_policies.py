@@ -2,7 +2,8 @@ import pytest
 
 from tlkeras.errors import ConfigError
 from tlkeras.policies import (
-    choose_precision, choose_strategy, per_replica_batch, steps_per_epoch, unfreeze_start,
+    choose_precision, choose_strategy, per_replica_batch, read_cpu_flags, steps_per_epoch,
+    unfreeze_start,
     warmup_steps,
 )  # fmt: skip
 
@@ -40,9 +41,17 @@ def test_choose_strategy(requested, tf_config, gpus, expected):
 
 
 def test_choose_precision():
-    assert choose_precision("auto", 0) == "float32"
-    assert choose_precision("auto", 1) == "mixed_float16"
-    assert choose_precision("mixed_bfloat16", 0) == "mixed_bfloat16"
+    assert choose_precision("auto", 0, {"avx2", "fma"}) == "float32"
+    assert choose_precision("auto", 0, {"avx512f", "amx_bf16"}) == "mixed_bfloat16"
+    assert choose_precision("auto", 1, {"amx_bf16"}) == "mixed_float16"
+    assert choose_precision("float32", 0, {"amx_bf16"}) == "float32"
+
+
+def test_read_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx512_bf16 amx_tile\n")
+    assert read_cpu_flags(str(info)) == {"fpu", "avx512_bf16", "amx_tile"}
+    assert read_cpu_flags(str(tmp_path / "missing")) == set()
 
 
 def test_unfreeze_start():

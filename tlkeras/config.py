@@ -64,8 +64,8 @@ class FinetuneConfig:
 @dataclass
 class RuntimeConfig:
     strategy: str = "auto"  # auto | default | mirrored | multi_worker
-    # auto: mixed_float16 on a GPU, float32 otherwise; or a Keras policy name such as
-    # mixed_bfloat16 (fast on CPUs with AMX/AVX512-BF16).
+    # auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with AMX/AVX512-BF16,
+    # float32 otherwise; or a Keras policy name.
     mixed_precision: str = "auto"
     jit_compile: bool = False
     steps_per_execution: int = 1

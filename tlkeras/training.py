@@ -30,7 +30,8 @@ from tlkeras.errors import UserError
 from tlkeras.export import export_model
 from tlkeras.model import build_model, set_finetune_trainable
 from tlkeras.policies import (
-    choose_precision, choose_strategy, per_replica_batch, steps_per_epoch, warmup_steps,
+    choose_precision, choose_strategy, per_replica_batch, read_cpu_flags, steps_per_epoch,
+    warmup_steps,
 )  # fmt: skip
 
 log = logging.getLogger("tlkeras")
@@ -212,7 +213,7 @@ def _train(cfg: Config, run_dir: Path, resuming: bool, start: float) -> dict[str
     keras.utils.set_random_seed(cfg.seed)
     strategy = make_strategy(cfg.runtime.strategy)
     gpus = tf.config.list_physical_devices("GPU")
-    precision = choose_precision(cfg.runtime.mixed_precision, len(gpus))
+    precision = choose_precision(cfg.runtime.mixed_precision, len(gpus), read_cpu_flags())
     keras.mixed_precision.set_global_policy(precision)
     replicas = strategy.num_replicas_in_sync
     per_replica = per_replica_batch(cfg.data.batch_size, replicas)

@@ -1,0 +1,115 @@
+"""Measure on this machine, each figure beside its baseline from the same run.
+
+    python -m tlkeras.bench [--quick] [--run-dir RUN]
+
+Prints one JSON line per figure:
+  {"metric": ..., "unit": ..., "ours": ..., "baseline": ..., "ratio": ..., "config": ...}
+Inference: onnxruntime (ours) against the TF SavedModel (baseline) at batch 1 and 64.
+With --run-dir the run's exported model is timed; otherwise a freshly built one (latency
+does not depend on the weight values). Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from tlkeras.errors import UserError, run_cli
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def figure(metric: str, unit: str, ours: float, baseline: float, **config) -> dict[str, Any]:
+    return {
+        "metric": metric, "unit": unit, "ours": round(ours, 3), "baseline": round(baseline, 3),
+        "ratio": round(ours / baseline, 3), "config": {**config, "machine": machine()},
+    }  # fmt: skip
+
+
+def bench_inference(savedmodel: Path, onnx_path: Path, quick: bool) -> list[dict[str, Any]]:
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    serve = tf.saved_model.load(str(savedmodel)).signatures["serving_default"]
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    out = []
+    for batch in (1, 64):
+        x = rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
+        repeats = (20 if quick else 100) if batch == 1 else (5 if quick else 20)
+        tf_x = tf.constant(x)
+        base = median_seconds(lambda: serve(images=tf_x)["probabilities"].numpy(), repeats)
+        ours = median_seconds(lambda: session.run(["probabilities"], {"images": x}), repeats)
+        out.append(figure(
+            f"inference_latency_batch{batch}", "ms", ours * 1e3, base * 1e3,
+            ours="onnxruntime float32 (CPUExecutionProvider)",
+            baseline="TF SavedModel serving_default (eager signature call)",
+            batch=batch, repeats=repeats, statistic="median",
+        ))  # fmt: skip
+    return out
+
+
+def exported_model(run_dir: Path | None, workdir: Path) -> tuple[Path, Path]:
+    if run_dir is not None:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if not summary.get("exports"):
+            raise UserError(f"run '{run_dir}' has no export; run python -m tlkeras.export --run-dir {run_dir}")
+        last = summary["exports"][-1]
+        return Path(last["savedmodel"]), Path(last["onnx"])
+    from tlkeras.config import ModelConfig
+    from tlkeras.export import export_model
+    from tlkeras.model import build_model
+
+    model = build_model(ModelConfig(weights=None, image_size=32))
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    record = export_model(model, workdir, "tlkeras", images)
+    return Path(record["savedmodel"]), Path(record["onnx"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tlkeras.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats: a few minutes")
+    parser.add_argument("--run-dir", type=Path, help="time this run's exported model")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+
+    def run() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            savedmodel, onnx_path = exported_model(args.run_dir, Path(tmp))
+            for line in bench_inference(savedmodel, onnx_path, args.quick):
+                print(json.dumps(line), flush=True)
+
+    return run_cli(run, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
