@@ -2,6 +2,13 @@
 
 import csv
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from unittest import mock
 
 import keras
@@ -12,6 +19,9 @@ from tlkeras.config import dump_yaml, load_config
 from tlkeras.errors import UserError
 from tlkeras.train import main
 from tlkeras.training import train_and_evaluate
+
+
+MOCK_TRAIN = Path(__file__).with_name("mock_train.py")
 
 
 def read_epochs(run_dir):
@@ -124,3 +134,73 @@ def test_real_weights_and_data_phase1_beats_chance_by_far(assets, tmp_path):
     summary = train_and_evaluate(cfg, tmp_path)
     assert summary["test_examples"] == 2000
     assert summary["test_accuracy"] >= 0.50, summary["test_accuracy"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_multi_worker_two_processes_agree_and_only_the_chief_writes(tmp_path):
+    """Two real worker processes on 127.0.0.1 under MultiWorkerMirroredStrategy."""
+    run = tmp_path / "run"
+    cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
+    args = [a for kv in tiny_overrides(**{"runtime.strategy": "auto", "export.enabled": "true",
+                                          "runtime.mixed_precision": "float32"})
+            for a in ("--set", kv)]  # fmt: skip
+    temp_before = set(Path(tempfile.gettempdir()).glob("tlkeras-worker-*"))
+    procs = []
+    for index in range(2):
+        task = {"cluster": cluster, "task": {"type": "worker", "index": index}}
+        env = {**os.environ, "TF_CONFIG": json.dumps(task), "TF_CPP_MIN_LOG_LEVEL": "2"}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(MOCK_TRAIN), "--run-dir", str(run), *args],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))  # fmt: skip
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+
+    prints = [re.findall(r"final weights sha256 (\w+)", out) for out in outs]
+    assert len(prints[0]) == 1 and prints[0] == prints[1]  # identical weights on both workers
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["strategy"] == "MultiWorkerMirroredStrategy"
+    assert summary["replicas"] == 2 and summary["per_replica_batch"] == 4  # global 8 = 2 x 4
+    assert summary["weights_sha256"] == prints[0][0]
+    log = (run / "train.log").read_text()
+    assert log.count("starting run in") == 1  # the other worker never wrote here
+    assert [p.name for p in (run / "export" / "tlkeras").iterdir()] == ["1"]  # one export
+    assert set(Path(tempfile.gettempdir()).glob("tlkeras-worker-*")) == temp_before  # cleaned
+
+
+def test_mirrored_step_equals_default_step_at_the_same_global_batch():
+    """Per-replica batch and loss reduction: 2 replicas x 4 == 1 replica x 8."""
+    import numpy as np
+    import tensorflow as tf
+
+    from tlkeras.config import ModelConfig
+    from tlkeras.model import build_model
+
+    cfg = ModelConfig(weights=None, image_size=32, head_units=16, dropout=0.0)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, (8,))
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    keras.utils.set_random_seed(0)
+    initial = build_model(cfg).get_weights()
+    results = []
+    for strategy in (tf.distribute.get_strategy(),
+                     tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])):  # fmt: skip
+        with strategy.scope():
+            model = build_model(cfg)
+            model.set_weights(initial)
+            model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+        history = model.fit(ds, epochs=1, verbose=0)
+        results.append((strategy.num_replicas_in_sync, history.history["loss"][0], model.get_weights()))
+    (r1, loss1, w1), (r2, loss2, w2) = results
+    assert (r1, r2) == (1, 2)
+    assert loss1 == pytest.approx(loss2, rel=1e-5)
+    changed = [not np.allclose(a, b) for a, b in zip(initial, w1)]
+    assert any(changed)  # the step did train something
+    for a, b in zip(w1, w2):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -248,8 +248,7 @@ def export_run(run_dir: Path, base: Path | None = None, name: str = "tlkeras") -
 
     from tlkeras import rundir
     from tlkeras.config import load_config
-
-    import tlkeras.model  # noqa: F401  registers VGG16Preprocess for loading
+    from tlkeras.model import build_model  # also registers VGG16Preprocess for loading
 
     model_path = run_dir / "model.keras"
     if not model_path.is_file():
@@ -257,8 +256,11 @@ def export_run(run_dir: Path, base: Path | None = None, name: str = "tlkeras") -
             f"'{model_path}' not found: --run-dir must name a finished training run "
             f"(python -m tlkeras.train leaves model.keras there)"
         )
-    model = keras.models.load_model(model_path)
     cfg = load_config(run_dir / "config.yaml")
+    # Rebuilt in float32 whatever the training precision, as training's own export does.
+    keras.mixed_precision.set_global_policy("float32")
+    model = build_model(cfg.model, load_weights=False)
+    model.set_weights(keras.models.load_model(model_path).get_weights())
     record = export_model(model, base or run_dir / "export", name, parity_images(cfg))
     summary = rundir.read_json(run_dir / rundir.SUMMARY)
     if summary is not None:

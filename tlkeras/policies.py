@@ -39,6 +39,15 @@ def choose_strategy(requested: str, tf_config_set: bool, num_gpus: int) -> str:
     return "mirrored" if num_gpus > 0 else "default"
 
 
+def is_chief(task_type: str | None, task_id: int | None, cluster_has_chief: bool) -> bool:
+    """TF's rule: the 'chief' task, or worker 0 when the cluster names no chief."""
+    if task_type is None:  # not a cluster
+        return True
+    if cluster_has_chief:
+        return task_type == "chief"
+    return task_type == "worker" and task_id == 0
+
+
 def choose_precision(requested: str, num_gpus: int, cpu_flags: set[str] = frozenset()) -> str:
     """auto: float16 on GPUs (Tensor Cores); bfloat16 on CPUs with native bf16 matrix
     units (AMX / AVX512-BF16: 2x images/s measured on this project's CPU); else float32,

@@ -56,6 +56,24 @@ def prepare(run_dir: Path, cfg: Config, argv: list[str]) -> bool:
     return False
 
 
+def worker_copy(run_dir: Path) -> Path:
+    """A non-chief worker's private folder, seeded with the chief's resume state.
+
+    Reading the chief's backups (the run folder on a shared filesystem) makes every
+    worker restore the same epoch and weights; writing only here keeps the run folder
+    the chief's alone.
+    """
+    import shutil
+
+    workdir = Path(tempfile.mkdtemp(prefix="tlkeras-worker-"))
+    for name in ("backup", "checkpoints"):
+        if (run_dir / name).is_dir():
+            shutil.copytree(run_dir / name, workdir / name)
+    if (run_dir / METRICS).is_file():
+        shutil.copy(run_dir / METRICS, workdir / METRICS)
+    return workdir
+
+
 def _check_same_config(config_file: Path, cfg: Config) -> None:
     from tlkeras.config import load_config
 

@@ -10,9 +10,11 @@ accuracy; the final model is evaluated once on the test split.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +32,7 @@ from tlkeras.errors import UserError
 from tlkeras.export import export_model
 from tlkeras.model import build_model, set_finetune_trainable
 from tlkeras.policies import (
-    choose_precision, choose_strategy, per_replica_batch, read_cpu_flags, steps_per_epoch,
+    choose_precision, choose_strategy, is_chief, per_replica_batch, read_cpu_flags, steps_per_epoch,
     warmup_steps,
 )  # fmt: skip
 
@@ -38,11 +40,34 @@ log = logging.getLogger("tlkeras")
 PHASES = ("head", "finetune")
 
 
+class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """TF's strategy, with a `reduce` that Keras 3 `fit` can use (keras-team/keras#20585).
+
+    Keras reduces a (uint8 images, labels) tuple to build the model, and scalar losses
+    with axis=0 after each step; TF's collective strategy refuses tuples, uint8 and
+    axis=0 on scalars. Here each element is reduced on its own, uint8 via int32, and a
+    scalar across replicas only.
+    """
+
+    def reduce(self, reduce_op, value, axis):
+        parent = super()
+
+        def one(v):
+            local = self.experimental_local_results(v)[0]
+            ax = axis if local.shape.rank else None
+            if local.dtype != tf.uint8:
+                return parent.reduce(reduce_op, v, ax)
+            wide = self.run(tf.cast, args=(v, tf.int32))
+            return tf.cast(parent.reduce(reduce_op, wide, ax), tf.uint8)
+
+        return tf.nest.map_structure(one, value)
+
+
 def make_strategy(requested: str) -> tf.distribute.Strategy:
     gpus = tf.config.list_physical_devices("GPU")
     name = choose_strategy(requested, "TF_CONFIG" in os.environ, len(gpus))
     if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return MultiWorkerMirroredStrategy()
     if name == "mirrored":
         # Without GPUs, mirror across the logical CPU devices (how tests get two replicas).
         devices = None if gpus else [d.name for d in tf.config.list_logical_devices("CPU")]
@@ -195,23 +220,47 @@ def save_confusion_png(matrix: list[list[int]], path: Path) -> None:
 
 
 def train_and_evaluate(cfg: Config, run_dir: Path, argv: list[str] = ()) -> dict[str, Any]:
-    """Both phases, the test evaluation, model.keras and summary.json in `run_dir`."""
+    """Both phases, the test evaluation, exports and summary.json in `run_dir`.
+
+    Under MultiWorkerMirroredStrategy every worker trains, but only the chief writes
+    `run_dir`; the others work in a private temporary copy of its resume state (so a
+    restarted cluster resumes at the same epoch everywhere) and delete it at the end.
+    """
     start = time.perf_counter()
-    resuming = rundir.prepare(run_dir, cfg, list(argv))
-    handler = logging.FileHandler(run_dir / "train.log")
+    strategy = make_strategy(cfg.runtime.strategy)  # first: multi-worker needs a fresh runtime
+    resolver = getattr(strategy, "cluster_resolver", None)
+    chief = resolver is None or is_chief(
+        resolver.task_type, resolver.task_id, "chief" in resolver.cluster_spec().as_dict()
+    )
+    if chief:
+        resuming = rundir.prepare(run_dir, cfg, list(argv))
+        workdir = run_dir
+    else:
+        workdir = rundir.worker_copy(run_dir)
+        resuming = (workdir / "backup").exists() or (workdir / "checkpoints").exists()
+    handler = logging.FileHandler(workdir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     try:
-        return _train(cfg, run_dir, resuming, start)
+        return _train(cfg, strategy, workdir, chief, resuming, start)
     finally:
         log.removeHandler(handler)
         handler.close()
+        if not chief:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _train(cfg: Config, run_dir: Path, resuming: bool, start: float) -> dict[str, Any]:
+def weights_fingerprint(model: keras.Model) -> str:
+    digest = hashlib.sha256()
+    for w in model.get_weights():
+        digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: bool,
+           resuming: bool, start: float) -> dict[str, Any]:  # fmt: skip
     log.info("%s run in %s", "resuming" if resuming else "starting", run_dir)
     keras.utils.set_random_seed(cfg.seed)
-    strategy = make_strategy(cfg.runtime.strategy)
     gpus = tf.config.list_physical_devices("GPU")
     precision = choose_precision(cfg.runtime.mixed_precision, len(gpus), read_cpu_flags())
     keras.mixed_precision.set_global_policy(precision)
@@ -240,9 +289,17 @@ def _train(cfg: Config, run_dir: Path, resuming: bool, start: float) -> dict[str
         weights = run_dir / record["best_weights"]
         epoch += epochs
 
-    with strategy.scope():
-        model = build_model(cfg.model, load_weights=False)
-        model.load_weights(weights)
+    # The shipped model computes in float32 whatever the training precision: it runs
+    # anywhere (onnxruntime has no bf16 convolutions on CPU) and its outputs are stable.
+    # Built outside the strategy: evaluation and export are local, not collective.
+    keras.mixed_precision.set_global_policy("float32")
+    model = build_model(cfg.model, load_weights=False)
+    model.load_weights(weights)
+    fingerprint = weights_fingerprint(model)
+    log.info("final weights sha256 %s", fingerprint)
+    if not chief:
+        return {"worker": True, "weights_sha256": fingerprint, "phases": records}
+
     results = evaluate(model, splits.test)
     save_confusion_png(results["confusion_matrix"], run_dir / "confusion_matrix.png")
     tmp_model = run_dir / ".model.tmp.keras"
@@ -269,7 +326,9 @@ def _train(cfg: Config, run_dir: Path, resuming: bool, start: float) -> dict[str
         "resumed": resuming,
         "strategy": type(strategy).__name__,
         "replicas": replicas,
+        "per_replica_batch": per_replica,
         "precision": precision,
+        "weights_sha256": fingerprint,
         "class_names": list(CLASS_NAMES),
         "model": "model.keras",
         "exports": exports,
