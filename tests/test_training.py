@@ -204,3 +204,63 @@ def test_mirrored_step_equals_default_step_at_the_same_global_batch():
     assert any(changed)  # the step did train something
     for a, b in zip(w1, w2):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _wait_for_rows(run, rows, proc, timeout=300):
+    """Waits until metrics.csv has `rows` epochs, then a moment into the next epoch."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        if (run / "metrics.csv").exists() and len(read_epochs(run)) >= rows:
+            time.sleep(1.5)  # mid-epoch: an epoch here takes several seconds
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no epoch {rows} within {timeout} s")
+
+
+@pytest.mark.real
+def test_sigkill_mid_epoch_in_both_phases_then_resume(assets, tmp_path):
+    """A real training process killed with SIGKILL in phase 1 and in phase 2, then rerun."""
+    import signal
+
+    args = [
+        "--set", f"model.weights={assets.weights}", "--set", f"data.data_dir={assets.tfds_dir}",
+        "--set", "data.download=false", "--set", "model.image_size=32",
+        "--set", "data.train_split=train[:1000]", "--set", "data.val_split=train[45000:45500]",
+        "--set", "data.test_split=test[:1000]", "--set", "data.batch_size=50",
+        "--set", "head.epochs=2", "--set", "finetune.epochs=2", "--set", "finetune.unfreeze=block5",
+        "--set", "finetune.learning_rate=1e-4", "--set", "export.enabled=false",
+    ]  # fmt: skip
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+    def start(run):
+        return subprocess.Popen([sys.executable, "-m", "tlkeras.train", "--run-dir", str(run), *args],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    clean = start(tmp_path / "clean")
+    assert clean.wait(timeout=600) == 0, clean.stdout.read()[-3000:]
+
+    run = tmp_path / "killed"
+    first = start(run)
+    _wait_for_rows(run, 1, first)  # phase 1, epoch 2 under way
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    second = start(run)
+    _wait_for_rows(run, 3, second)  # phase 2, epoch 4 under way
+    second.send_signal(signal.SIGKILL)
+    second.wait()
+    assert not (run / "summary.json").exists()
+    third = start(run)
+    assert third.wait(timeout=600) == 0, third.stdout.read()[-3000:]
+
+    assert read_epochs(run) == [0, 1, 2, 3]  # every epoch exactly once
+    log = (run / "train.log").read_text()
+    assert "head: finished earlier" in log  # phase 1 not redone on the third start
+    assert "finetune: resuming at epoch 4" in log  # nor the finished epoch 3
+    killed = json.loads((run / "summary.json").read_text())
+    reference = json.loads((tmp_path / "clean" / "summary.json").read_text())
+    assert killed["resumed"] is True
+    assert abs(killed["test_accuracy"] - reference["test_accuracy"]) <= 0.06, (killed["test_accuracy"], reference["test_accuracy"])
+    assert killed["test_accuracy"] > 0.4

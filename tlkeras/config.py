@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -142,6 +143,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={flat[key]} must be 0 or more")
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
+    if not re.fullmatch(r"all|block[1-5](_(conv[1-3]|pool))?", cfg.finetune.unfreeze):
+        raise ConfigError(
+            f"finetune.unfreeze={cfg.finetune.unfreeze!r} names no VGG16 layer; use 'all', a "
+            f"block ('block1' .. 'block5') or a layer such as 'block5_conv1'"
+        )
     if cfg.model.image_size < 32:
         raise ConfigError(f"model.image_size={cfg.model.image_size} must be at least 32")
 

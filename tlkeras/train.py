@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notes and the like
 
     def run() -> None:
         from tlkeras.config import load_config

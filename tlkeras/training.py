@@ -102,6 +102,17 @@ def _resumed_epoch(backup_dir: Path, default: int) -> int:
     return int(meta["epoch"]) if meta else default
 
 
+def _drop_if_not_finite(model: keras.Model, path: Path) -> bool:
+    """A checkpoint saved from a diverged model is deleted rather than kept as 'best'."""
+    if not path.exists():
+        return False
+    model.load_weights(path)
+    if all(np.isfinite(w).all() for w in model.get_weights()):
+        return True
+    path.unlink()
+    return False
+
+
 def fit_phase(
     phase: str, cfg: Config, strategy: tf.distribute.Strategy, splits: Splits,
     run_dir: Path, first_epoch: int, epochs: int, init_weights: Path | None,
@@ -148,15 +159,19 @@ def fit_phase(
     start = time.perf_counter()
     history = model.fit(
         splits.train, validation_data=splits.val, initial_epoch=first_epoch,
-        epochs=first_epoch + epochs, callbacks=callbacks,
+        epochs=first_epoch + epochs, callbacks=callbacks, shuffle=False,  # tf.data shuffles
         verbose=1 if sys.stdout.isatty() else 2,
     )  # fmt: skip
     wall = time.perf_counter() - start
     losses = history.history.get("loss", [])
     if any(not math.isfinite(v) for v in losses):
+        kept = _drop_if_not_finite(model, best_path)
+        where = f"the last good weights are in '{best_path}'" if kept else "no good weights were saved in this phase"
+        lr = getattr(cfg, phase).learning_rate
         raise UserError(
-            f"{phase}: the loss became NaN/inf; training stopped. The best weights so far "
-            f"are in '{best_path}'. Lower {phase}.learning_rate and rerun with a new --run-dir"
+            f"{phase}: the loss became NaN/inf in epoch {first_epoch + len(losses)}, so "
+            f"training stopped; {where}. Lower {phase}.learning_rate (now {lr:g}) and "
+            f"train again with a new --run-dir"
         )
     if not best_path.exists():  # no epoch ran in this call and none was saved before
         model.save_weights(best_path)
