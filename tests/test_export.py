@@ -134,12 +134,22 @@ def test_bytes_signature_refuses_oversized_and_non_images(exported):
 
 
 def test_next_export_takes_the_next_version_and_keeps_the_old(exported):
+    from tlkeras.predict import savedmodel_dir
+
     model, base, _ = exported
     before = (base / "tlkeras" / "1" / "saved_model.pb").read_bytes()
     latest = export.next_version(base / "tlkeras") - 1
+    # What a killed export leaves: a hidden, non-numeric folder that no reader takes.
+    stale = base / "tlkeras" / f".tmp-{latest + 1}-999999999"
+    (stale / "variables").mkdir(parents=True)
+    (stale / "saved_model.pb").write_bytes(b"half")
+    assert savedmodel_dir(str(base / "tlkeras")) == base / "tlkeras" / str(latest)
+    assert export.next_version(base / "tlkeras") == latest + 1
+
     record = export.export_model(model, base, "tlkeras", IMAGES)
     assert record["version"] == latest + 1
     assert (base / "tlkeras" / str(latest + 1) / "saved_model.pb").is_file()
+    assert not stale.exists()  # cleaned up by the next export
     assert (base / "tlkeras" / "1" / "saved_model.pb").read_bytes() == before
 
 

@@ -102,6 +102,24 @@ def test_resume_after_crash_does_not_redo_finished_epochs(mock_cifar, tmp_path):
     assert summary["phases"]["finetune"]["epochs_run"] == 1
 
 
+def test_checkpoint_cut_by_a_crash_is_discarded_on_resume(mock_cifar, tmp_path):
+    cfg = load_config(None, tiny_overrides(**{"head.epochs": "2", "finetune.epochs": "0"}))
+
+    def crash(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with mock.patch.object(keras.callbacks.TerminateOnNaN, "on_epoch_begin", crash):
+        with pytest.raises(KeyboardInterrupt):
+            train_and_evaluate(cfg, tmp_path)
+    best = tmp_path / "checkpoints" / "head_best.weights.h5"
+    best.write_bytes(best.read_bytes()[: best.stat().st_size // 2])  # a write cut short
+
+    summary = train_and_evaluate(cfg, tmp_path)
+    assert "is unreadable (interrupted write); discarding it" in (tmp_path / "train.log").read_text()
+    assert summary["test_examples"] == 24 and read_epochs(tmp_path) == [0, 1]
+
+
 def test_rerun_with_other_config_is_refused(mock_cifar, tmp_path):
     earlier = load_config(None, tiny_overrides(**{"head.epochs": "9"}))
     (tmp_path / "config.yaml").write_text(dump_yaml(earlier))

@@ -151,7 +151,7 @@ def save_onnx(module, path: Path) -> None:
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def run_tf1_session(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+def run_tf1_session(path: Path, images: np.ndarray, chunk: int = 256) -> dict[str, np.ndarray]:
     """Loads the SavedModel as TF Serving does: a TF1 session, `serve` tag, tensor names."""
     import tensorflow as tf
 
@@ -159,15 +159,22 @@ def run_tf1_session(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
         meta = tf.compat.v1.saved_model.loader.load(sess, ["serve"], str(path))
         sig = meta.signature_def["serving_default"]
         fetches = {k: v.name for k, v in sig.outputs.items()}
-        return sess.run(fetches, {sig.inputs[INPUT].name: images})
+        feed = sig.inputs[INPUT].name
+        return _concat([sess.run(fetches, {feed: images[i:i + chunk]})
+                        for i in range(0, len(images), chunk)])  # fmt: skip
 
 
-def run_onnx(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+def run_onnx(path: Path, images: np.ndarray, chunk: int = 256) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(None, {INPUT: images})))
+    return _concat([dict(zip(names, session.run(None, {INPUT: images[i:i + chunk]})))
+                    for i in range(0, len(images), chunk)])  # fmt: skip
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def parity(reference: np.ndarray, outputs: dict[str, np.ndarray], what: str) -> dict[str, Any]:
@@ -182,6 +189,16 @@ def parity(reference: np.ndarray, outputs: dict[str, np.ndarray], what: str) -> 
             f"{TOLERANCE:.0e}, identical classes: {same}); nothing was published"
         )
     return {"max_abs_diff": diff, "identical_classes": same, "images": int(reference.shape[0])}
+
+
+def remove_stale_temps(root: Path) -> None:
+    """Deletes `.tmp-<version>-<pid>` folders left by exports that were killed."""
+    for tmp in root.glob(".tmp-*-*"):
+        pid = int(tmp.name.rsplit("-", 1)[1]) if tmp.name.rsplit("-", 1)[1].isdigit() else 0
+        try:
+            os.kill(pid, 0)  # still running: another export's work in progress
+        except (ProcessLookupError, ValueError, OSError):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def next_version(model_dir: Path) -> int:
@@ -199,6 +216,7 @@ def export_model(model, base: Path, name: str, images: np.ndarray) -> dict[str, 
     sm_root, onnx_root = base / name, base / "onnx" / name
     for root in (sm_root, onnx_root):
         root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(root)
     version = max(next_version(sm_root), next_version(onnx_root))
     # Hidden, non-numeric names: TF Serving never takes them for a version.
     sm_tmp = sm_root / f".tmp-{version}-{os.getpid()}"
@@ -237,12 +255,13 @@ def parity_images(cfg, count: int = 64) -> np.ndarray:
 
     try:  # never download here: offline, tfds would retry for minutes
         ds = load_split(dataclasses.replace(cfg.data, download=False), f"test[:{count}]", "test")
-        return np.stack([x.numpy() for x, _ in ds])
+        return np.stack([x.numpy() for x, _ in ds.take(count)])
     except UserError:  # no data: generated images still exercise every op
         return np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
 
 
-def export_run(run_dir: Path, base: Path | None = None, name: str = "tlkeras") -> dict[str, Any]:
+def export_run(run_dir: Path, base: Path | None = None, name: str = "tlkeras",
+               parity_count: int = 64) -> dict[str, Any]:  # fmt: skip
     """Exports run_dir/model.keras and records the result in summary.json."""
     import keras
 
@@ -261,7 +280,7 @@ def export_run(run_dir: Path, base: Path | None = None, name: str = "tlkeras") -
     keras.mixed_precision.set_global_policy("float32")
     model = build_model(cfg.model, load_weights=False)
     model.set_weights(keras.models.load_model(model_path).get_weights())
-    record = export_model(model, base or run_dir / "export", name, parity_images(cfg))
+    record = export_model(model, base or run_dir / "export", name, parity_images(cfg, parity_count))
     summary = rundir.read_json(run_dir / rundir.SUMMARY)
     if summary is not None:
         summary.setdefault("exports", []).append(record)
@@ -274,12 +293,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, required=True, help="a finished training run")
     parser.add_argument("--base", type=Path, help="export base folder (default RUN_DIR/export)")
     parser.add_argument("--name", default="tlkeras", help="model name (TF Serving's MODEL_NAME)")
+    parser.add_argument("--parity-images", type=int, default=64, metavar="N",
+                        help="CIFAR-10 test images for the parity gate (10000: the whole split)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
 
     def run() -> None:
-        record = export_run(args.run_dir, args.base, args.name)
+        record = export_run(args.run_dir, args.base, args.name, args.parity_images)
+        checks = record["parity"]
         print(f"SavedModel: {record['savedmodel']}\nONNX: {record['onnx']}")
+        for kind in ("savedmodel", "onnx"):
+            c = checks[kind]
+            print(f"parity {kind}: {c['images']} images, max |diff| {c['max_abs_diff']:.1e}, "
+                  f"identical classes: {c['identical_classes']}")  # fmt: skip
 
     return run_cli(run, args.debug)
 

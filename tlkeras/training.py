@@ -102,6 +102,14 @@ def _resumed_epoch(backup_dir: Path, default: int) -> int:
     return int(meta["epoch"]) if meta else default
 
 
+def _loads(path: Path, cfg: Config) -> bool:
+    try:
+        build_model(cfg.model, load_weights=False).load_weights(path)
+        return True
+    except Exception:  # h5py and Keras raise several kinds for a truncated file
+        return False
+
+
 def _drop_if_not_finite(model: keras.Model, path: Path) -> bool:
     """A checkpoint saved from a diverged model is deleted rather than kept as 'best'."""
     if not path.exists():
@@ -136,6 +144,11 @@ def fit_phase(
     rundir.truncate_metrics(run_dir, resume_at)
     done = [r for r in rundir.read_metrics(run_dir) if r["epoch"] >= first_epoch]
     best_so_far = max((r["val_accuracy"] for r in done), default=None)
+    if best_path.exists() and not _loads(best_path, cfg):
+        # Killed while ModelCheckpoint wrote it: never mistake it for a checkpoint.
+        log.warning("%s: %s is unreadable (interrupted write); discarding it", phase, best_path)
+        best_path.unlink()
+        best_so_far = None
     if resume_at > first_epoch:
         log.info("%s: resuming at epoch %d (best val_accuracy so far %s)",
                  phase, resume_at + 1, best_so_far)  # fmt: skip
