@@ -64,6 +64,10 @@ def test_resolved_config_round_trips(tmp_path):
         ("runtime.strategy=tpu", "runtime.strategy='tpu' is not one of auto, default, mirrored"),
         ("head=3", "'head' is a section"),
         ("noequals", "is not KEY=VALUE"),
+        ("head.learning_rate=.nan", "head.learning_rate=nan must be a finite number"),
+        ("finetune.unfreeze=block2_conv3", "finetune.unfreeze='block2_conv3' names no VGG16 layer"),
+        ("export.name=../x", "export.name='../x' must be a plain folder name"),
+        ("export.name=onnx", "other than 'onnx'"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -80,3 +84,9 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("head: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_empty_section_means_defaults(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\nhead:\n  epochs: 2\n")
+    assert load_config(f).data == Config().data

@@ -5,7 +5,6 @@ import pytest
 import tensorflow as tf
 
 from tlkeras import predict as P
-from tlkeras.errors import UserError
 
 
 @pytest.fixture

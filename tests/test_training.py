@@ -123,9 +123,18 @@ def test_checkpoint_cut_by_a_crash_is_discarded_on_resume(mock_cifar, tmp_path):
 def test_rerun_with_other_config_is_refused(mock_cifar, tmp_path):
     earlier = load_config(None, tiny_overrides(**{"head.epochs": "9"}))
     (tmp_path / "config.yaml").write_text(dump_yaml(earlier))
+    (tmp_path / "metrics.csv").write_text("epoch,accuracy,loss,val_accuracy,val_loss\n0,.1,2.3,.1,2.3\n")
     cfg = load_config(None, tiny_overrides())
     with pytest.raises(UserError, match="holds a run with head.epochs=9, not 1"):
         train_and_evaluate(cfg, tmp_path)
+
+
+def test_a_run_stopped_by_a_bad_setting_can_be_fixed_in_place(mock_cifar, tmp_path):
+    bad = load_config(None, tiny_overrides(**{"model.weights": str(tmp_path / "missing.h5")}))
+    with pytest.raises(UserError, match="no such file"):
+        train_and_evaluate(bad, tmp_path / "run")
+    fixed = load_config(None, tiny_overrides(**{"finetune.epochs": "0"}))
+    assert train_and_evaluate(fixed, tmp_path / "run")["test_examples"] == 24
 
 
 def test_cli_errors_are_one_line_with_exit_code(tmp_path, capsys):
@@ -168,16 +177,18 @@ def test_multi_worker_two_processes_agree_and_only_the_chief_writes(tmp_path):
                                           "runtime.mixed_precision": "float32"})
             for a in ("--set", kv)]  # fmt: skip
     temp_before = set(Path(tempfile.gettempdir()).glob("tlkeras-worker-*"))
-    procs = []
+    procs, logs = [], [tmp_path / "worker0.log", tmp_path / "worker1.log"]
     for index in range(2):
         task = {"cluster": cluster, "task": {"type": "worker", "index": index}}
         env = {**os.environ, "TF_CONFIG": json.dumps(task), "TF_CPP_MIN_LOG_LEVEL": "2"}
-        procs.append(subprocess.Popen(
-            [sys.executable, str(MOCK_TRAIN), "--run-dir", str(run), *args],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))  # fmt: skip
-    outs = [p.communicate(timeout=400)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+        with logs[index].open("w") as out:  # files, not pipes: lockstepped workers never block
+            procs.append(subprocess.Popen(
+                [sys.executable, str(MOCK_TRAIN), "--run-dir", str(run), *args],
+                env=env, stdout=out, stderr=subprocess.STDOUT,
+            ))  # fmt: skip
+    codes = [p.wait(timeout=400) for p in procs]
+    outs = [log.read_text() for log in logs]
+    assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
 
     prints = [re.findall(r"final weights sha256 (\w+)", out) for out in outs]
     assert len(prints[0]) == 1 and prints[0] == prints[1]  # identical weights on both workers
@@ -230,7 +241,7 @@ def _wait_for_rows(run, rows, proc, timeout=300):
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert proc.poll() is None, f"training exited early with {proc.returncode}"
         if (run / "metrics.csv").exists() and len(read_epochs(run)) >= rows:
             time.sleep(1.5)  # mid-epoch: an epoch here takes several seconds
             return
@@ -254,11 +265,16 @@ def test_sigkill_mid_epoch_in_both_phases_then_resume(assets, tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
     def start(run):
-        return subprocess.Popen([sys.executable, "-m", "tlkeras.train", "--run-dir", str(run), *args],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        run.mkdir(exist_ok=True)
+        with (run.parent / f"{run.name}.out").open("a") as out:
+            return subprocess.Popen([sys.executable, "-m", "tlkeras.train", "--run-dir", str(run), *args],
+                                    env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+
+    def output(run):
+        return (run.parent / f"{run.name}.out").read_text()[-3000:]
 
     clean = start(tmp_path / "clean")
-    assert clean.wait(timeout=600) == 0, clean.stdout.read()[-3000:]
+    assert clean.wait(timeout=600) == 0, output(tmp_path / "clean")
 
     run = tmp_path / "killed"
     first = start(run)
@@ -271,7 +287,7 @@ def test_sigkill_mid_epoch_in_both_phases_then_resume(assets, tmp_path):
     second.wait()
     assert not (run / "summary.json").exists()
     third = start(run)
-    assert third.wait(timeout=600) == 0, third.stdout.read()[-3000:]
+    assert third.wait(timeout=600) == 0, output(run)
 
     assert read_epochs(run) == [0, 1, 2, 3]  # every epoch exactly once
     log = (run / "train.log").read_text()

@@ -4,6 +4,9 @@
 
 Prints one JSON line per figure:
   {"metric": ..., "unit": ..., "ours": ..., "baseline": ..., "ratio": ..., "config": ...}
+Fine-tuning: training images/s with the whole base unfrozen, our precision policy
+(auto: bfloat16 on CPUs with AMX/AVX512-BF16) against the plain float32 recipe, and the
+achieved FLOP/s as a fraction of this machine's matrix-multiply peak measured here.
 Inference: onnxruntime (ours) against the TF SavedModel (baseline) at batch 1 and 64.
 With --run-dir the run's exported model is timed; otherwise a freshly built one (latency
 does not depend on the weight values). Run it on an otherwise idle machine.
@@ -78,8 +81,64 @@ def bench_inference(savedmodel: Path, onnx_path: Path, quick: bool) -> list[dict
     return out
 
 
+VGG16_MACS_32 = 0.313e9  # multiply-adds per 32x32 image through the conv base
+
+
+def matmul_peak(dtype: str, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a large square matmul in `dtype`: the practical peak of this machine."""
+    import tensorflow as tf
+
+    a = tf.random.normal((n, n), dtype=tf.float32)
+    a = tf.cast(a, dtype)
+    matmul = tf.function(lambda x: tf.matmul(x, x))
+    return 2 * n**3 / median_seconds(lambda: matmul(a).numpy(), repeats)
+
+
+def finetune_images_per_second(precision: str, steps: int, batch: int = 64) -> float:
+    import keras
+
+    from tlkeras.config import ModelConfig
+    from tlkeras.model import build_model, set_finetune_trainable
+
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        model = build_model(ModelConfig(weights=None, image_size=32))
+        set_finetune_trainable(model, "all")
+        model.compile(keras.optimizers.Adam(1e-5), "sparse_categorical_crossentropy")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (batch * steps, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, (batch * steps,))
+    model.fit(x[: batch * 2], y[: batch * 2], batch_size=batch, verbose=0)  # trace, warm up
+    start = time.perf_counter()
+    model.fit(x, y, batch_size=batch, verbose=0)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def bench_finetune(quick: bool) -> list[dict[str, Any]]:
+    from tlkeras.policies import choose_precision, read_cpu_flags
+
+    ours_precision = choose_precision("auto", 0, read_cpu_flags())
+    steps = 10 if quick else 40
+    ours = finetune_images_per_second(ours_precision, steps)
+    base = finetune_images_per_second("float32", steps)
+    flops = ours * 3 * 2 * VGG16_MACS_32  # forward + two backward products, 2 FLOP per MAC
+    compute = "bfloat16" if "bfloat16" in ours_precision else "float32"
+    peak = matmul_peak(compute)
+    return [
+        figure("finetune_images_per_second", "images/s", ours, base, ours=ours_precision,
+               baseline="float32", unfreeze="all", image_size=32, batch=64, steps=steps),
+        figure("finetune_flops_fraction_of_matmul_peak", "fraction", flops / peak, 1.0,
+               achieved_gflops=round(flops / 1e9, 1), peak_gflops=round(peak / 1e9, 1),
+               peak_dtype=compute, note="baseline 1.0 is the measured matmul peak"),
+    ]  # fmt: skip
+
+
 def exported_model(run_dir: Path | None, workdir: Path) -> tuple[Path, Path]:
     if run_dir is not None:
+        if not (run_dir / "summary.json").is_file():
+            raise UserError(f"'{run_dir}' holds no finished run (no summary.json)")
         summary = json.loads((run_dir / "summary.json").read_text())
         if not summary.get("exports"):
             raise UserError(f"run '{run_dir}' has no export; run python -m tlkeras.export --run-dir {run_dir}")
@@ -107,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             savedmodel, onnx_path = exported_model(args.run_dir, Path(tmp))
             for line in bench_inference(savedmodel, onnx_path, args.quick):
                 print(json.dumps(line), flush=True)
+        for line in bench_finetune(args.quick):
+            print(json.dumps(line), flush=True)
 
     return run_cli(run, args.debug)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -21,6 +22,7 @@ from typing import Any
 import yaml
 
 from tlkeras.errors import ConfigError
+from tlkeras.policies import VGG16_LAYERS, unfreeze_start
 
 
 @dataclass
@@ -135,6 +137,9 @@ def validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}={flat[key]!r} is not one of {', '.join(allowed)}")
+    for key, value in flat.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value} must be a finite number")
     for key in POSITIVE:
         if flat[key] <= 0:
             raise ConfigError(f"{key}={flat[key]} must be greater than 0")
@@ -143,10 +148,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={flat[key]} must be 0 or more")
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
-    if not re.fullmatch(r"all|block[1-5](_(conv[1-3]|pool))?", cfg.finetune.unfreeze):
+    unfreeze_start(VGG16_LAYERS, cfg.finetune.unfreeze)  # fails now, not after phase 1
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.export.name) or cfg.export.name in ("onnx", ".", ".."):
         raise ConfigError(
-            f"finetune.unfreeze={cfg.finetune.unfreeze!r} names no VGG16 layer; use 'all', a "
-            f"block ('block1' .. 'block5') or a layer such as 'block5_conv1'"
+            f"export.name={cfg.export.name!r} must be a plain folder name (letters, digits, "
+            f"'_', '-', '.') other than 'onnx', e.g. tlkeras"
         )
     if cfg.model.image_size < 32:
         raise ConfigError(f"model.image_size={cfg.model.image_size} must be at least 32")
@@ -193,6 +199,7 @@ def _build(cls: type, tree: dict, prefix: str):
             raise ConfigError(f"unknown config key '{dotted}'{hint}")
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
+            value = {} if value is None else value  # an empty `data:` section in YAML
             if not isinstance(value, dict):
                 raise ConfigError(f"'{dotted}' is a section; set its keys, e.g. {dotted}.<key>")
             kwargs[key] = _build(kind, value, f"{dotted}.")

@@ -192,13 +192,17 @@ def parity(reference: np.ndarray, outputs: dict[str, np.ndarray], what: str) -> 
 
 
 def remove_stale_temps(root: Path) -> None:
-    """Deletes `.tmp-<version>-<pid>` folders left by exports that were killed."""
+    """Deletes `.tmp-<version>-<pid>` folders left on this machine by killed exports."""
     for tmp in root.glob(".tmp-*-*"):
-        pid = int(tmp.name.rsplit("-", 1)[1]) if tmp.name.rsplit("-", 1)[1].isdigit() else 0
+        pid = tmp.name.rsplit("-", 1)[1]
+        if not pid.isdigit():
+            continue
         try:
-            os.kill(pid, 0)  # still running: another export's work in progress
-        except (ProcessLookupError, ValueError, OSError):
+            os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
+        except ProcessLookupError:
             shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, someone else's
+            pass
 
 
 def next_version(model_dir: Path) -> int:
@@ -232,15 +236,19 @@ def export_model(model, base: Path, name: str, images: np.ndarray) -> dict[str, 
         }
         sm_final, onnx_final = sm_root / str(version), onnx_root / str(version)
         os.rename(onnx_tmp, onnx_final)
-        os.rename(sm_tmp, sm_final)  # last: TF Serving sees the version only when complete
+        try:
+            os.rename(sm_tmp, sm_final)  # last: TF Serving sees the version only when complete
+        except OSError:  # e.g. a concurrent export took this version: publish neither
+            shutil.rmtree(onnx_final, ignore_errors=True)
+            raise
     finally:
         for tmp in (sm_tmp, onnx_tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return {
         "version": version,
-        "savedmodel": str(sm_final),
+        "savedmodel": str(sm_final.resolve()),
         "savedmodel_bytes": _dir_size(sm_final),
-        "onnx": str(onnx_final / "model.onnx"),
+        "onnx": str((onnx_final / "model.onnx").resolve()),
         "onnx_bytes": (onnx_final / "model.onnx").stat().st_size,
         "opset": OPSET,
         "parity": checks,
@@ -254,13 +262,13 @@ def parity_images(cfg, count: int = 64) -> np.ndarray:
     from tlkeras.data import load_split
 
     try:  # never download here: offline, tfds would retry for minutes
-        ds = load_split(dataclasses.replace(cfg.data, download=False), f"test[:{count}]", "test")
+        ds = load_split(dataclasses.replace(cfg.data, download=False), f"test[:{count}]", "test_split")
         return np.stack([x.numpy() for x, _ in ds.take(count)])
     except UserError:  # no data: generated images still exercise every op
         return np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
 
 
-def export_run(run_dir: Path, base: Path | None = None, name: str = "tlkeras",
+def export_run(run_dir: Path, base: Path | None = None, name: str | None = None,
                parity_count: int = 64) -> dict[str, Any]:  # fmt: skip
     """Exports run_dir/model.keras and records the result in summary.json."""
     import keras
@@ -280,7 +288,8 @@ def export_run(run_dir: Path, base: Path | None = None, name: str = "tlkeras",
     keras.mixed_precision.set_global_policy("float32")
     model = build_model(cfg.model, load_weights=False)
     model.set_weights(keras.models.load_model(model_path).get_weights())
-    record = export_model(model, base or run_dir / "export", name, parity_images(cfg, parity_count))
+    base = base or Path(cfg.export.base or run_dir / "export")  # where training exports
+    record = export_model(model, base, name or cfg.export.name, parity_images(cfg, parity_count))
     summary = rundir.read_json(run_dir / rundir.SUMMARY)
     if summary is not None:
         summary.setdefault("exports", []).append(record)
@@ -291,8 +300,8 @@ def export_run(run_dir: Path, base: Path | None = None, name: str = "tlkeras",
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tlkeras.export", description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True, help="a finished training run")
-    parser.add_argument("--base", type=Path, help="export base folder (default RUN_DIR/export)")
-    parser.add_argument("--name", default="tlkeras", help="model name (TF Serving's MODEL_NAME)")
+    parser.add_argument("--base", type=Path, help="export base folder (default: the run's export.base)")
+    parser.add_argument("--name", help="model name, TF Serving's MODEL_NAME (default: the run's export.name)")
     parser.add_argument("--parity-images", type=int, default=64, metavar="N",
                         help="CIFAR-10 test images for the parity gate (10000: the whole split)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")

@@ -67,6 +67,13 @@ def read_cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
         return set()
 
 
+VGG16_LAYERS = ["input_layer"] + [
+    f"block{b}_{kind}"
+    for b, convs in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
+    for kind in [f"conv{i}" for i in range(1, convs + 1)] + ["pool"]
+]
+
+
 def unfreeze_start(layer_names: list[str], unfreeze: str) -> int:
     """Index of the first base layer to train in phase 2 ("all", a block or a layer name)."""
     if unfreeze == "all":

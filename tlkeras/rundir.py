@@ -48,9 +48,10 @@ def prepare(run_dir: Path, cfg: Config, argv: list[str]) -> bool:
             f"run folder '{run_dir}' is not writable ({e.strerror}); pass a writable --run-dir"
         ) from None
     config_file = run_dir / "config.yaml"
-    if config_file.exists():
+    if (run_dir / METRICS).exists():  # an epoch has finished: only the same config resumes
         _check_same_config(config_file, cfg)
         return True
+    # Nothing trained yet (e.g. the last attempt stopped at a bad setting): start afresh.
     write_atomic(config_file, dump_yaml(cfg))
     write_json(run_dir / "environment.json", environment(argv))
     return False

@@ -158,9 +158,6 @@ def fit_phase(
              strategy.num_replicas_in_sync)  # fmt: skip
 
     callbacks = [
-        # First, so later callbacks see the restored epoch; double: a kill during a
-        # write falls back to the previous epoch's state instead of a corrupt file.
-        keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.ModelCheckpoint(
             str(best_path), monitor="val_accuracy", mode="max", save_best_only=True,
@@ -168,6 +165,12 @@ def fit_phase(
         ),  # fmt: skip
         keras.callbacks.CSVLogger(str(run_dir / rundir.METRICS), append=True),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
+        # Last: an epoch counts as done only after its metrics row and best checkpoint
+        # are written. Double: a kill mid-write falls back to the previous epoch's state.
+        # Kept after fit until the phase record exists, so no kill loses the phase.
+        keras.callbacks.BackupAndRestore(
+            str(backup_dir), double_checkpoint=True, delete_checkpoint=False
+        ),
     ]
     start = time.perf_counter()
     history = model.fit(
@@ -182,7 +185,7 @@ def fit_phase(
         where = f"the last good weights are in '{best_path}'" if kept else "no good weights were saved in this phase"
         lr = getattr(cfg, phase).learning_rate
         raise UserError(
-            f"{phase}: the loss became NaN/inf in epoch {first_epoch + len(losses)}, so "
+            f"{phase}: the loss became NaN/inf in epoch {history.epoch[-1] + 1}, so "
             f"training stopped; {where}. Lower {phase}.learning_rate (now {lr:g}) and "
             f"train again with a new --run-dir"
         )
@@ -206,6 +209,7 @@ def fit_phase(
         "best_weights": str(best_path.relative_to(run_dir)),
     }
     rundir.write_json(ckpt_dir / f"{phase}.json", record)
+    shutil.rmtree(backup_dir, ignore_errors=True)
     return record
 
 
@@ -269,9 +273,11 @@ def train_and_evaluate(cfg: Config, run_dir: Path, argv: list[str] = ()) -> dict
     handler = logging.FileHandler(workdir / "train.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
+    policy = keras.mixed_precision.global_policy()
     try:
         return _train(cfg, strategy, workdir, chief, resuming, start)
     finally:
+        keras.mixed_precision.set_global_policy(policy)  # leave no global state behind
         log.removeHandler(handler)
         handler.close()
         if not chief:
@@ -305,7 +311,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
     weights: Path | None = None
     epoch = 0
     for phase, epochs in (("head", cfg.head.epochs), ("finetune", cfg.finetune.epochs)):
-        if epochs == 0:
+        if epochs == 0:  # finetune.epochs: 0 skips phase 2
             continue
         record = rundir.read_json(run_dir / "checkpoints" / f"{phase}.json")
         if record:
@@ -336,7 +342,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
 
     exports = []
     if cfg.export.enabled:
-        first_test = np.concatenate([x.numpy() for x, _ in splits.test.take(1)])[:64]
+        first_test = np.stack([x.numpy() for x, _ in splits.test.unbatch().take(64)])
         base = Path(cfg.export.base) if cfg.export.base else run_dir / "export"
         exports.append(export_model(model, base, cfg.export.name, first_test))
         log.info("exported version %d: %s and %s (parity max |diff| %.1e / %.1e)",
