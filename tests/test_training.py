@@ -156,11 +156,23 @@ def test_real_weights_and_data_phase1_beats_chance_by_far(assets, tmp_path):
         f"model.weights={assets.weights}", f"data.data_dir={assets.tfds_dir}",
         "data.download=false", "model.image_size=32", "data.train_split=train[:5000]",
         "data.val_split=train[45000:46000]", "data.test_split=test[:2000]",
-        "data.batch_size=64", "head.epochs=3", "finetune.epochs=0",
+        "data.batch_size=64", "head.epochs=2", "finetune.epochs=0",
     ])  # fmt: skip
     summary = train_and_evaluate(cfg, tmp_path)
     assert summary["test_examples"] == 2000
     assert summary["test_accuracy"] >= 0.50, summary["test_accuracy"]
+
+    # The exported ONNX model gives the Keras model's classes on the real test images.
+    import numpy as np
+
+    from tlkeras.data import load_split
+    from tlkeras.export import run_onnx
+
+    images = np.stack([x.numpy() for x, _ in load_split(cfg.data, cfg.data.test_split, "test_split")])
+    reference = keras.models.load_model(tmp_path / "model.keras").predict(images, verbose=0)
+    onnx = run_onnx(Path(summary["exports"][0]["onnx"]), images)
+    np.testing.assert_array_equal(onnx["classes"], reference.argmax(1))
+    assert np.abs(onnx["probabilities"] - reference).max() <= 1e-4
 
 
 def free_port() -> int:
@@ -257,8 +269,8 @@ def test_sigkill_mid_epoch_in_both_phases_then_resume(assets, tmp_path):
     args = [
         "--set", f"model.weights={assets.weights}", "--set", f"data.data_dir={assets.tfds_dir}",
         "--set", "data.download=false", "--set", "model.image_size=32",
-        "--set", "data.train_split=train[:1000]", "--set", "data.val_split=train[45000:45500]",
-        "--set", "data.test_split=test[:1000]", "--set", "data.batch_size=50",
+        "--set", "data.train_split=train[:600]", "--set", "data.val_split=train[45000:45300]",
+        "--set", "data.test_split=test[:600]", "--set", "data.batch_size=50",
         "--set", "head.epochs=2", "--set", "finetune.epochs=2", "--set", "finetune.unfreeze=block5",
         "--set", "finetune.learning_rate=1e-4", "--set", "export.enabled=false",
     ]  # fmt: skip

@@ -1,0 +1,36 @@
+"""The benchmark's arithmetic (no timing is asserted: speed is measured, not tested)."""
+
+import itertools
+
+import pytest
+
+from tlkeras import bench
+
+
+def test_figure_states_ours_baseline_and_their_ratio():
+    line = bench.figure("inference_latency_batch1", "ms", 2.0, 8.0, batch=1)
+    assert line["metric"] == "inference_latency_batch1" and line["unit"] == "ms"
+    assert (line["ours"], line["baseline"], line["ratio"]) == (2.0, 8.0, 0.25)
+    assert line["config"]["batch"] == 1 and "cores" in line["config"]["machine"]
+
+
+def test_median_seconds_is_the_median_of_the_timed_calls(monkeypatch):
+    ticks = itertools.count()
+    durations = iter([5, 1, 3])  # seconds each timed call takes, in order
+    clock = {"now": 0.0}
+
+    def fake_perf_counter():
+        next(ticks)
+        return clock["now"]
+
+    def fn():
+        clock["now"] += next(durations, 0)
+
+    monkeypatch.setattr(bench.time, "perf_counter", fake_perf_counter)
+    assert bench.median_seconds(fn, repeats=3, warmup=0) == 3
+
+
+def test_run_without_export_is_a_user_error(tmp_path):
+    (tmp_path / "summary.json").write_text('{"exports": []}')
+    with pytest.raises(bench.UserError, match="has no export"):
+        bench.exported_model(tmp_path, tmp_path)
