@@ -236,7 +236,7 @@ def test_mirrored_step_equals_default_step_at_the_same_global_batch():
             model = build_model(cfg)
             model.set_weights(initial)
             model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
-        history = model.fit(ds, epochs=1, verbose=0)
+        history = model.fit(ds, epochs=1, verbose=0, shuffle=False)
         results.append((strategy.num_replicas_in_sync, history.history["loss"][0], model.get_weights()))
     (r1, loss1, w1), (r2, loss2, w2) = results
     assert (r1, r2) == (1, 2)
