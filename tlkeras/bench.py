@@ -55,7 +55,7 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> floa
 
 def figure(metric: str, unit: str, ours: float, baseline: float, **config) -> dict[str, Any]:
     return {
-        "metric": metric, "unit": unit, "ours": round(ours, 3), "baseline": round(baseline, 3),
+        "metric": metric, "unit": unit, "ours": round(ours, 4), "baseline": round(baseline, 4),
         "ratio": round(ours / baseline, 3), "config": {**config, "machine": machine()},
     }  # fmt: skip
 
