@@ -1,9 +1,9 @@
-import socket
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import free_port
 from tlkeras import predict as P
 
 
@@ -93,12 +93,6 @@ def test_bad_models_are_one_line_errors(image_files, tmp_path, capsys):
     tf.saved_model.save(module, str(tmp_path / "other"), signatures={"serving_default": module.f})
     msg = run_cli_error(capsys, [img, "--model", str(tmp_path / "other")])
     assert "does not take uint8 images [batch, 32, 32, 3] named 'images'" in msg and "x: float32" in msg
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_unreachable_servers_fail_fast_with_a_hint(image_files, capsys):

@@ -4,7 +4,6 @@ import csv
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,7 +13,7 @@ from unittest import mock
 import keras
 import pytest
 
-from conftest import tiny_overrides
+from conftest import free_port, tiny_overrides
 from tlkeras.config import dump_yaml, load_config
 from tlkeras.errors import UserError
 from tlkeras.train import main
@@ -173,12 +172,6 @@ def test_real_weights_and_data_phase1_beats_chance_by_far(assets, tmp_path):
     onnx = run_onnx(Path(summary["exports"][0]["onnx"]), images)
     np.testing.assert_array_equal(onnx["classes"], reference.argmax(1))
     assert np.abs(onnx["probabilities"] - reference).max() <= 1e-4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_multi_worker_two_processes_agree_and_only_the_chief_writes(tmp_path):

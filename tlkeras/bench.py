@@ -30,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from tlkeras.errors import UserError, run_cli
+from tlkeras.export import onnx_session
 
 
 def machine() -> str:
@@ -61,11 +62,10 @@ def figure(metric: str, unit: str, ours: float, baseline: float, **config) -> di
 
 
 def bench_inference(savedmodel: Path, onnx_path: Path, quick: bool) -> list[dict[str, Any]]:
-    import onnxruntime as ort
     import tensorflow as tf
 
     serve = tf.saved_model.load(str(savedmodel)).signatures["serving_default"]
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = onnx_session(onnx_path)
     rng = np.random.default_rng(0)
     out = []
     for batch in (1, 64):
@@ -81,12 +81,6 @@ def bench_inference(savedmodel: Path, onnx_path: Path, quick: bool) -> list[dict
             batch=batch, repeats=repeats, statistic="median",
         ))  # fmt: skip
     return out
-
-
-def onnx_session(path: Path):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def quantize_int8(onnx_path: Path, out: Path, calibration: np.ndarray) -> None:

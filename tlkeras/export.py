@@ -164,10 +164,14 @@ def run_tf1_session(path: Path, images: np.ndarray, chunk: int = 256) -> dict[st
                         for i in range(0, len(images), chunk)])  # fmt: skip
 
 
-def run_onnx(path: Path, images: np.ndarray, chunk: int = 256) -> dict[str, np.ndarray]:
+def onnx_session(path: Path | str):
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path: Path, images: np.ndarray, chunk: int = 256) -> dict[str, np.ndarray]:
+    session = onnx_session(path)
     names = [o.name for o in session.get_outputs()]
     return _concat([dict(zip(names, session.run(None, {INPUT: images[i:i + chunk]})))
                     for i in range(0, len(images), chunk)])  # fmt: skip

@@ -59,9 +59,11 @@ def savedmodel_dir(model: str) -> Path:
     path = Path(model)
     if (path / "saved_model.pb").is_file():
         return path
-    versions = sorted((p for p in path.glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
-    if versions and (versions[-1] / "saved_model.pb").is_file():
-        return versions[-1]
+    from tlkeras.export import next_version
+
+    latest = path / str(next_version(path) - 1)
+    if (latest / "saved_model.pb").is_file():
+        return latest
     raise UserError(
         f"--model {model}: no SavedModel there (no saved_model.pb, no numbered version "
         f"folder); pass an export folder such as runs/<run>/export/tlkeras"
@@ -88,12 +90,12 @@ def run_savedmodel(model: str, images: np.ndarray) -> np.ndarray:
 
 
 def run_onnx(model: str, images: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+    from tlkeras.export import onnx_session
 
     if not Path(model).is_file():
         raise UserError(f"--model {model}: no such ONNX file")
     try:
-        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        session = onnx_session(model)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf kinds
         raise UserError(f"--model {model} is not a loadable ONNX model ({str(e)[:150]})") from None
     inputs = session.get_inputs()
