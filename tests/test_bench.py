@@ -34,3 +34,21 @@ def test_run_without_export_is_a_user_error(tmp_path):
     (tmp_path / "summary.json").write_text('{"exports": []}')
     with pytest.raises(bench.UserError, match="has no export"):
         bench.exported_model(tmp_path, tmp_path)
+
+
+def test_conv_macs_counts_vgg16_and_the_trainable_part():
+    from tlkeras.config import ModelConfig
+    from tlkeras.model import build_model, set_finetune_trainable
+
+    model = build_model(ModelConfig(weights=None, image_size=32, head_units=16))
+    total, trainable, input_grad = bench.conv_macs(model)
+    assert abs(total - 0.313e9) / 0.313e9 < 0.01  # the figure for 32x32
+    assert trainable == input_grad == 0  # phase 1: nothing in the base trains
+
+    set_finetune_trainable(model, "block5")
+    _, trainable, input_grad = bench.conv_macs(model)
+    block5 = 3 * 2 * 2 * 3 * 3 * 512 * 512  # three 3x3 512->512 convolutions on 2x2
+    assert trainable == block5 and input_grad == block5 * 2 // 3  # block5_conv1 needs no input gradient
+
+    big = build_model(ModelConfig(weights=None, image_size=64, head_units=16))
+    assert bench.conv_macs(big)[0] == 4 * total  # the square of the side

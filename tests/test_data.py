@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 
 from tlkeras.config import DataConfig
-from tlkeras.data import augment, make_datasets
+from tlkeras.data import augment, feature_dataset, make_datasets
 from tlkeras.errors import ConfigError, UserError
 
 
@@ -70,3 +70,35 @@ def test_real_cifar10_counts(assets):
     cfg = DataConfig(data_dir=str(assets.tfds_dir), download=False, batch_size=500)
     splits = make_datasets(cfg)
     assert (splits.num_train, splits.num_val, splits.num_test) == (45_000, 5_000, 10_000)
+
+
+def test_plain_train_view_is_in_order_and_not_augmented(mock_cifar):
+    splits = make_datasets(DataConfig(batch_size=8, shuffle_buffer=16, augment=True))
+    a = np.concatenate([x.numpy() for x, _ in splits.train_plain])
+    b = np.concatenate([x.numpy() for x, _ in splits.train_plain])
+    np.testing.assert_array_equal(a, b)
+    assert len(a) == splits.num_train
+
+
+def test_feature_dataset_draws_either_view_and_every_example_once_per_epoch():
+    n = 64
+    labels = np.arange(n)
+    plain = np.zeros((n, 4), np.float32) + labels[:, None]
+    mirrored = -plain - 1  # tells the views apart: >= 0 plain, < 0 mirrored
+    ds = feature_dataset(plain, labels, 16, mirrored, seed=0)
+    mirrored_draws = np.zeros(n)
+    for _ in range(4):
+        batches = list(ds)
+        f = np.concatenate([f.numpy() for f, _ in batches])
+        y = np.concatenate([y.numpy() for _, y in batches])
+        assert sorted(y.tolist()) == labels.tolist()  # each example once per epoch
+        np.testing.assert_array_equal(np.where(f[:, 0] >= 0, f[:, 0], -f[:, 0] - 1), y)  # its own features
+        mirrored_draws[y] += f[:, 0] < 0
+    assert 0.3 < mirrored_draws.mean() / 4 < 0.7  # both views, about half each
+    assert ((mirrored_draws > 0) & (mirrored_draws < 4)).any()  # an example's view changes between epochs
+
+
+def test_feature_dataset_without_seed_keeps_order():
+    labels = np.arange(10)
+    ds = feature_dataset(np.eye(10, dtype=np.float32), labels, 4)
+    assert np.concatenate([y.numpy() for _, y in ds]).tolist() == labels.tolist()

@@ -4,7 +4,7 @@ import pytest
 
 from tlkeras.config import ModelConfig
 from tlkeras.errors import UserError
-from tlkeras.model import VGG16Preprocess, build_model, set_finetune_trainable
+from tlkeras.model import VGG16Preprocess, build_model, set_finetune_trainable, split_at_features
 
 TINY = ModelConfig(weights=None, image_size=32, head_units=16)
 
@@ -98,3 +98,21 @@ def test_real_imagenet_weights_load_from_a_path(assets):
     kernel = keras.ops.convert_to_numpy(model.get_layer("vgg16").get_layer("block1_conv1").kernel)
     assert kernel.shape == (3, 3, 3, 64)
     assert 0.1 < np.abs(kernel).max() < 2.0 and np.abs(kernel).std() > 0.05
+
+
+def test_split_at_features_composes_to_the_model_and_trains_its_head():
+    model = build_model(TINY)
+    extractor, head = split_at_features(model)
+    x = np.random.randint(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    features = extractor.predict(x, verbose=0)
+    assert features.shape == (4, 512)
+    np.testing.assert_allclose(head.predict(features, verbose=0), model.predict(x, verbose=0), atol=1e-6)
+
+    base_before = [w.copy() for w in model.get_layer("vgg16").get_weights()]
+    dense_before = model.get_layer("head_dense").get_weights()[0].copy()
+    head.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    head.fit(features, np.arange(4), epochs=2, verbose=0)
+    # The head's layers are the model's: training one trains the other; the base is untouched.
+    assert not np.allclose(model.get_layer("head_dense").get_weights()[0], dense_before)
+    for a, b in zip(model.get_layer("vgg16").get_weights(), base_before):
+        np.testing.assert_array_equal(a, b)

@@ -61,6 +61,26 @@ def test_both_phases_leave_a_complete_run_folder(mock_cifar, tmp_path, strategy,
         assert summary["exports"] == [] and not (run / "export").exists()
 
 
+@pytest.mark.parametrize("mirrored, expected", [("true", [False, True, False]), ("false", [False, False])])
+def test_phase1_computes_the_frozen_features_once(mock_cifar, tmp_path, mirrored, expected):
+    from tlkeras import training
+
+    calls = []
+    real = training.compute_features
+
+    def counting(extractor, images, flip=False):
+        calls.append(flip)
+        return real(extractor, images, flip)
+
+    cfg = load_config(None, tiny_overrides(**{"head.epochs": "3", "finetune.epochs": "0",
+                                              "head.mirrored_features": mirrored}))  # fmt: skip
+    with mock.patch.object(training, "compute_features", counting):
+        summary = train_and_evaluate(cfg, tmp_path)
+    assert calls == expected  # train (+ mirrored train) and val, once for all 3 epochs
+    assert read_epochs(tmp_path) == [0, 1, 2]
+    assert summary["phases"]["head"]["feature_extraction_s"] > 0
+
+
 def test_finished_run_is_never_overwritten(mock_cifar, tmp_path):
     cfg = load_config(None, tiny_overrides(**{"finetune.epochs": "0"}))
     train_and_evaluate(cfg, tmp_path)

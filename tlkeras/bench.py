@@ -149,7 +149,29 @@ def bench_data(run_dir: Path | None, quick: bool):
     return random[:256], random[256:], None
 
 
-VGG16_MACS_32 = 0.313e9  # multiply-adds per 32x32 image through the conv base
+def conv_macs(model) -> tuple[int, int, int]:
+    """Multiply-adds per image of the base's convolutions: (all, trainable, input-gradient).
+
+    A training step costs 2 FLOP per MAC for the forward pass over all layers, for the
+    weight gradient of the trainable ones, and for the input gradient of those trainable
+    layers that have a trainable layer below them. VGG16 at 32x32: 0.313 G forward.
+    """
+    import keras
+
+    total = trainable = input_grad = 0
+    seen_trainable = False
+    for layer in model.get_layer("vgg16").layers:
+        if not isinstance(layer, keras.layers.Conv2D):
+            continue
+        _, h, w, cout = layer.output.shape
+        kh, kw, cin, _ = layer.kernel.shape
+        macs = h * w * kh * kw * cin * cout
+        total += macs
+        if layer.trainable:
+            trainable += macs
+            input_grad += macs if seen_trainable else 0
+            seen_trainable = True
+    return total, trainable, input_grad
 
 
 def matmul_peak(dtype: str, n: int = 2048, repeats: int = 10) -> float:
@@ -162,49 +184,7 @@ def matmul_peak(dtype: str, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / median_seconds(lambda: matmul(a).numpy(), repeats)
 
 
-def finetune_images_per_second(precision: str, steps: int, batch: int = 64) -> float:
-    import keras
-
-    from tlkeras.config import ModelConfig
-    from tlkeras.model import build_model, set_finetune_trainable
-
-    keras.mixed_precision.set_global_policy(precision)
-    try:
-        model = build_model(ModelConfig(weights=None, image_size=32))
-        set_finetune_trainable(model, "all")
-        model.compile(keras.optimizers.Adam(1e-5), "sparse_categorical_crossentropy")
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (batch * steps, 32, 32, 3), dtype=np.uint8)
-    y = rng.integers(0, 10, (batch * steps,))
-    model.fit(x[: batch * 2], y[: batch * 2], batch_size=batch, verbose=0)  # trace, warm up
-    start = time.perf_counter()
-    model.fit(x, y, batch_size=batch, verbose=0)
-    return batch * steps / (time.perf_counter() - start)
-
-
-def bench_finetune(quick: bool) -> list[dict[str, Any]]:
-    from tlkeras.policies import choose_precision, read_cpu_flags
-
-    ours_precision = choose_precision("auto", 0, read_cpu_flags())
-    steps = 10 if quick else 40
-    ours = finetune_images_per_second(ours_precision, steps)
-    base = finetune_images_per_second("float32", steps)
-    flops = ours * 3 * 2 * VGG16_MACS_32  # forward + two backward products, 2 FLOP per MAC
-    compute = "bfloat16" if "bfloat16" in ours_precision else "float32"
-    peak = matmul_peak(compute)
-    return [
-        figure("finetune_images_per_second", "images/s", ours, base, ours_setup=ours_precision,
-               baseline_setup="float32", unfreeze="all", image_size=32, batch=64, steps=steps),
-        figure("finetune_flops_fraction_of_matmul_peak", "fraction", flops / peak, 1.0,
-               achieved_gflops=round(flops / 1e9, 1), peak_gflops=round(peak / 1e9, 1),
-               peak_dtype=compute, note="baseline 1.0 is the measured matmul peak"),
-    ]  # fmt: skip
-
-
-def forward_images_per_second(precision: str, steps: int, batch: int = 64) -> float:
-    """What the frozen-base phase consumes at most: one forward pass per image."""
+def _model(precision: str, image_size: int, weights: str | None = None):
     import keras
 
     from tlkeras.config import ModelConfig
@@ -212,45 +192,140 @@ def forward_images_per_second(precision: str, steps: int, batch: int = 64) -> fl
 
     keras.mixed_precision.set_global_policy(precision)
     try:
-        model = build_model(ModelConfig(weights=None, image_size=32))
+        return build_model(ModelConfig(weights=weights, image_size=image_size))
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def finetune_images_per_second(model, steps: int, batch: int = 64) -> float:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (batch * steps, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, (batch * steps,))
+    model.fit(x[: batch * 3], y[: batch * 3], batch_size=batch, verbose=0)  # trace, warm up
+    start = time.perf_counter()
+    model.fit(x, y, batch_size=batch, verbose=0)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def bench_finetune(quick: bool, image_size: int, unfreeze: str) -> list[dict[str, Any]]:
+    """Phase 2 as the run does it (precision, resolution, unfreeze) vs plain float32."""
+    import keras
+
+    from tlkeras.model import set_finetune_trainable
+    from tlkeras.policies import choose_precision, read_cpu_flags
+
+    ours_precision = choose_precision("auto", 0, read_cpu_flags())
+    steps = 10 if quick else 40
+    rates = {}
+    for precision in (ours_precision, "float32"):
+        model = _model(precision, image_size)
+        set_finetune_trainable(model, unfreeze)
+        model.compile(keras.optimizers.Adam(1e-5), "sparse_categorical_crossentropy")
+        rates[precision] = finetune_images_per_second(model, steps)
+    total, trainable, input_grad = conv_macs(model)
+    flops = rates[ours_precision] * 2 * (total + trainable + input_grad)
+    compute = "bfloat16" if "bfloat16" in ours_precision else "float32"
+    peak = matmul_peak(compute)
+    setup = dict(unfreeze=unfreeze, image_size=image_size, batch=64, steps=steps)
+    return [
+        figure("finetune_images_per_second", "images/s", rates[ours_precision], rates["float32"],
+               ours_setup=ours_precision, baseline_setup="float32, no XLA (keras.io recipe)", **setup),
+        figure("finetune_flops_fraction_of_matmul_peak", "fraction", flops / peak, 1.0,
+               achieved_gflops=round(flops / 1e9, 1), peak_gflops=round(peak / 1e9, 1),
+               gflop_per_image=round(2 * (total + trainable + input_grad) / 1e9, 3),
+               peak_dtype=compute, note="baseline 1.0 is the measured matmul peak", **setup),
+    ]  # fmt: skip
+
+
+def bench_phase1(cfg, quick: bool) -> list[dict[str, Any]]:
+    """Phase 1 (frozen base, head only, 5 epochs), ours vs the keras.io guide's recipe.
+
+    Baseline: tfds.load, batch, cache, prefetch, random flip; model.fit on the whole
+    model, the frozen base recomputed every epoch (validation too); float32, no XLA.
+    Ours: the features of the images and of their mirror images computed once under our
+    precision, then the head fitted on them (what train.py does). Same model, data,
+    resolution, head, optimizer and epochs; wall time from a built model to the last epoch.
+    """
+    import dataclasses
+
+    import keras
+    import tensorflow as tf
+
+    from tlkeras.data import make_datasets
+    from tlkeras.model import split_at_features
+    from tlkeras.policies import choose_precision, read_cpu_flags
+    from tlkeras.training import cached_feature_data, compile_for_phase
+
+    epochs, image_size = 5, 32 if quick else cfg.model.image_size
+    train_split, val_split = ("train[:2000]", "train[48000:49000]") if quick else ("train[:5000]", "train[48000:]")
+    data = dataclasses.replace(cfg.data, download=False, batch_size=64, train_split=train_split, val_split=val_split)
+    head = dataclasses.replace(cfg.head, epochs=epochs, mirrored_features=True)
+    cfg = dataclasses.replace(cfg, data=data, head=head,
+                              model=dataclasses.replace(cfg.model, image_size=image_size))  # fmt: skip
+    splits = make_datasets(data, cfg.seed)
+    shuffled = make_datasets(dataclasses.replace(data, augment=False), cfg.seed).train
+
+    def run(precision: str, cached: bool) -> tuple[float, float]:
+        keras.utils.set_random_seed(cfg.seed)
+        model = _model(precision, image_size, cfg.model.weights)
+        if cached:
+            start = time.perf_counter()
+            extractor, head = split_at_features(model)
+            train, val, _ = cached_feature_data(extractor, cfg, splits)
+            trained = head
+        else:
+            flip = tf.image.random_flip_left_right  # per image, like the guide's RandomFlip
+            train = shuffled.map(lambda x, y: (flip(x), y)).prefetch(tf.data.AUTOTUNE)
+            val, trained = splits.val, model
+            start = time.perf_counter()
+        compile_for_phase(trained, cfg, "head", 0)
+        history = trained.fit(train, validation_data=val, epochs=epochs, verbose=0)
+        return time.perf_counter() - start, history.history["val_accuracy"][-1]
+
+    for ds in (splits.train_plain, shuffled, splits.val):  # fill the uint8 caches for both sides
+        for _ in ds:
+            pass
+    ours_precision = choose_precision("auto", 0, read_cpu_flags())
+    ours_s, ours_acc = run(ours_precision, cached=True)
+    base_s, base_acc = run("float32", cached=False)
+    setup = dict(epochs=epochs, image_size=image_size, train_images=splits.num_train,
+                 val_images=splits.num_val, batch=64, weights=str(cfg.model.weights))  # fmt: skip
+    return [
+        figure("phase1_wall_time", "s", ours_s, base_s, speedup=round(base_s / ours_s, 2),
+               ours_setup=f"features computed once ({ours_precision}), mirrored copies, head on cache",
+               baseline_setup="keras.io transfer-learning guide: base recomputed every epoch, float32",
+               **setup),
+        figure("phase1_val_accuracy", "accuracy", ours_acc, base_acc,
+               note="final-epoch validation accuracy of the two runs above", **setup),
+    ]  # fmt: skip
+
+
+def bench_pipeline(cfg, quick: bool):
+    """The training input pipeline alone (decode, augment, shuffle, batch) vs what the
+    fastest-consuming phase takes (the frozen base: one forward pass per image)."""
+    import dataclasses
+
+    from tlkeras.data import make_datasets
+    from tlkeras.policies import choose_precision, read_cpu_flags
+
+    model = _model(choose_precision("auto", 0, read_cpu_flags()), cfg.model.image_size)
+    steps, batch = (10 if quick else 40), 64
     x = np.random.default_rng(0).integers(0, 256, (batch * steps, 32, 32, 3), dtype=np.uint8)
     model.predict(x[: batch * 2], batch_size=batch, verbose=0)
     start = time.perf_counter()
     model.predict(x, batch_size=batch, verbose=0)
-    return batch * steps / (time.perf_counter() - start)
+    model_rate = batch * steps / (time.perf_counter() - start)
 
-
-def bench_pipeline(run_dir: Path | None, quick: bool):
-    """The training input pipeline alone (decode, augment, shuffle, batch) vs what the
-    fastest-consuming phase (frozen base: forward only) takes: never the bottleneck."""
-    if run_dir is None:
-        return []
-    from tlkeras.policies import choose_precision, read_cpu_flags
-
-    model_images_per_second = forward_images_per_second(
-        choose_precision("auto", 0, read_cpu_flags()), 10 if quick else 40
-    )
-    import dataclasses
-
-    from tlkeras.config import load_config
-    from tlkeras.data import make_datasets
-
-    cfg = load_config(run_dir / "config.yaml")
     data = dataclasses.replace(cfg.data, download=False, train_split="train[:5000]" if quick else cfg.data.train_split)
-    try:
-        splits = make_datasets(data, cfg.seed)
-    except UserError:
-        return []
+    splits = make_datasets(data, cfg.seed)
     for _ in splits.train:  # first pass fills the cache, as the first epoch does
         pass
     start = time.perf_counter()
     count = sum(int(x.shape[0]) for x, _ in splits.train)
     rate = count / (time.perf_counter() - start)
-    return [figure("input_pipeline_images_per_second", "images/s", rate, model_images_per_second,
-                   baseline_setup="frozen-base forward images/s (phase 1 consumption)", images=count,
-                   note="ratio > 1: the pipeline outpaces the model")]  # fmt: skip
+    return [figure("input_pipeline_images_per_second", "images/s", rate, model_rate,
+                   baseline_setup="frozen-base forward images/s (the fastest consumer)", images=count,
+                   image_size=cfg.model.image_size, note="ratio > 1: the pipeline outpaces the model")]  # fmt: skip
 
 
 def exported_model(run_dir: Path | None, workdir: Path) -> tuple[Path, Path]:
@@ -272,6 +347,20 @@ def exported_model(run_dir: Path | None, workdir: Path) -> tuple[Path, Path]:
     return Path(record["savedmodel"]), Path(record["onnx"])
 
 
+def emit(lines: list[dict[str, Any]]) -> None:
+    for line in lines:
+        print(json.dumps(line), flush=True)
+
+
+def run_config(run_dir: Path | None):
+    """The run's config, to bench on its data, weights, resolution and unfreeze setting."""
+    if run_dir is None:
+        return None
+    from tlkeras.config import load_config
+
+    return load_config(run_dir / "config.yaml")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tlkeras.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats: a few minutes")
@@ -280,15 +369,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def run() -> None:
+        cfg = run_config(args.run_dir)
         with tempfile.TemporaryDirectory() as tmp:
             savedmodel, onnx_path = exported_model(args.run_dir, Path(tmp))
-            for line in bench_inference(savedmodel, onnx_path, args.quick):
-                print(json.dumps(line), flush=True)
-            data = bench_data(args.run_dir, args.quick)
-            for line in bench_int8(onnx_path, Path(tmp), args.quick, data):
-                print(json.dumps(line), flush=True)
-        for line in bench_finetune(args.quick) + bench_pipeline(args.run_dir, args.quick):
-            print(json.dumps(line), flush=True)
+            emit(bench_inference(savedmodel, onnx_path, args.quick))
+            emit(bench_int8(onnx_path, Path(tmp), args.quick, bench_data(args.run_dir, args.quick)))
+        if cfg is None:
+            print("phase 1 and input-pipeline figures need real CIFAR-10: pass --run-dir",
+                  file=sys.stderr)  # fmt: skip
+            emit(bench_finetune(args.quick, 32, "all"))
+            return
+        emit(bench_phase1(cfg, args.quick))
+        emit(bench_finetune(args.quick, cfg.model.image_size, cfg.finetune.unfreeze))
+        emit(bench_pipeline(cfg, args.quick))
 
     return run_cli(run, args.debug)
 

@@ -48,10 +48,13 @@ class ModelConfig:
 
 @dataclass
 class HeadConfig:
-    """Phase 1: the base is frozen, only the new head trains."""
+    """Phase 1: the base is frozen, only the new head trains on its features, computed once."""
 
     epochs: int = 5
     learning_rate: float = 1e-3
+    # With data.augment, also compute the features of the mirrored training images (twice
+    # the extraction time): the one augmentation that survives caching.
+    mirrored_features: bool = True
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -25,6 +26,7 @@ PAD = 4  # random translation of up to 4 pixels, the usual CIFAR augmentation
 @dataclass
 class Splits:
     train: tf.data.Dataset
+    train_plain: tf.data.Dataset  # in order, not augmented: for computing features once
     val: tf.data.Dataset
     test: tf.data.Dataset
     num_train: int
@@ -84,10 +86,30 @@ def make_datasets(cfg: DataConfig, seed: int = 0) -> Splits:
     auto = tf.data.AUTOTUNE
     if cfg.cache:
         train, val, test = train.cache(), val.cache(), test.cache()
+    plain = train
     # A new shuffle order every epoch; seeded so a rerun is reproducible.
     train = train.shuffle(min(cfg.shuffle_buffer, counts[0]), seed=seed,
                           reshuffle_each_iteration=True)  # fmt: skip
     if cfg.augment:
         train = train.map(lambda x, y: (augment(x), y), num_parallel_calls=auto)
-    batched = [d.batch(cfg.batch_size).prefetch(auto) for d in (train, val, test)]
+    batched = [d.batch(cfg.batch_size).prefetch(auto) for d in (train, plain, val, test)]
     return Splits(*batched, *counts)
+
+
+def feature_dataset(
+    features: np.ndarray, labels: np.ndarray, batch_size: int,
+    flipped: np.ndarray | None = None, seed: int | None = None,
+) -> tf.data.Dataset:  # fmt: skip
+    """Cached features as batches; shuffled each epoch when `seed` is given.
+
+    With `flipped` (features of the mirrored images) each example is drawn as either
+    view at random: the flip augmentation survives caching, random crops do not.
+    """
+    parts = (features, labels) if flipped is None else (features, flipped, labels)
+    ds = tf.data.Dataset.from_tensor_slices(parts)
+    if seed is not None:
+        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    if flipped is not None:
+        # After the shuffle: the draws repeat each epoch but land on other examples.
+        ds = ds.map(lambda f, g, y: (tf.where(tf.random.uniform([], seed=seed) < 0.5, f, g), y))
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

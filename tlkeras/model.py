@@ -20,6 +20,7 @@ from tlkeras.errors import UserError
 from tlkeras.policies import unfreeze_start
 
 BASE_NAME = "vgg16"
+FEATURES = "pool"  # the frozen part ends here: phase 1 computes it once and caches it
 
 
 @keras.saving.register_keras_serializable(package="tlkeras")
@@ -89,7 +90,7 @@ def build_model(cfg: ModelConfig, load_weights: bool = True) -> keras.Model:
     # training=False keeps the base in inference mode even when unfrozen (the Keras
     # guide's rule; VGG16 has no BatchNorm, but a swapped-in base might).
     x = base(x, training=False)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name=FEATURES)(x)
     # VGG16's pooled features reach the hundreds; normalising them lets the head train at
     # 1e-3 without a huge first loss (0.63 vs 0.53 test accuracy on 5k images, 3 epochs).
     # LayerNorm, not BatchNorm: per example, so replicas and batch sizes agree.
@@ -110,3 +111,18 @@ def set_finetune_trainable(model: keras.Model, unfreeze: str) -> None:
     base.trainable = True
     for layer in base.layers[:start]:
         layer.trainable = False
+
+
+def split_at_features(model: keras.Model) -> tuple[keras.Model, keras.Model]:
+    """(images -> pooled features, features -> probabilities), sharing `model`'s layers.
+
+    Training the second trains `model`'s head: phase 1 runs the frozen base once per
+    image instead of once per image per epoch.
+    """
+    pool = model.get_layer(FEATURES)
+    extractor = keras.Model(model.input, pool.output, name="features")
+    features = keras.Input(pool.output.shape[1:], name="features")
+    x = features
+    for layer in model.layers[model.layers.index(pool) + 1 :]:
+        x = layer(x)
+    return extractor, keras.Model(features, x, name="head")

@@ -27,10 +27,10 @@ import tensorflow as tf
 from tlkeras import rundir
 from tlkeras.config import Config
 from tlkeras import CLASS_NAMES
-from tlkeras.data import Splits, make_datasets
+from tlkeras.data import Splits, feature_dataset, make_datasets
 from tlkeras.errors import UserError
 from tlkeras.export import export_model
-from tlkeras.model import build_model, set_finetune_trainable
+from tlkeras.model import build_model, set_finetune_trainable, split_at_features
 from tlkeras.policies import (
     choose_precision, choose_strategy, is_chief, per_replica_batch, read_cpu_flags, steps_per_epoch,
     warmup_steps,
@@ -121,6 +121,48 @@ def _drop_if_not_finite(model: keras.Model, path: Path) -> bool:
     return False
 
 
+class WholeModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """Phase 1 fits a head-only view; its checkpoints still hold the whole model."""
+
+    def __init__(self, whole: keras.Model, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.whole = whole
+
+    def set_model(self, model):
+        super().set_model(self.whole)
+
+
+def compute_features(
+    extractor: keras.Model, images: tf.data.Dataset, flip: bool = False
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(pooled features as float32, labels) for every batch, in order."""
+    forward = tf.function(lambda x: extractor(tf.image.flip_left_right(x) if flip else x, training=False))
+    feats, labels = [], []
+    for x, y in images:
+        feats.append(tf.cast(forward(x), tf.float32).numpy())
+        labels.append(y.numpy())
+    return np.concatenate(feats), np.concatenate(labels)
+
+
+def cached_feature_data(
+    extractor: keras.Model, cfg: Config, splits: Splits
+) -> tuple[tf.data.Dataset, tf.data.Dataset, float]:  # fmt: skip
+    """Phase 1's train and val sets as features of the frozen base, computed once."""
+    start = time.perf_counter()
+    features, labels = compute_features(extractor, splits.train_plain)
+    mirror = cfg.data.augment and cfg.head.mirrored_features
+    flipped = compute_features(extractor, splits.train_plain, flip=True)[0] if mirror else None
+    val_features, val_labels = compute_features(extractor, splits.val)
+    seconds = time.perf_counter() - start
+    images = len(labels) * (2 if mirror else 1) + len(val_labels)
+    log.info("head: features of %d images (%s) in %.0f s, %.0f images/s; cached for every epoch",
+             images, "train, mirrored train, val" if mirror else "train, val",
+             seconds, images / seconds)  # fmt: skip
+    train = feature_dataset(features, labels, cfg.data.batch_size, flipped, seed=cfg.seed)
+    val = feature_dataset(val_features, val_labels, cfg.data.batch_size)
+    return train, val, seconds
+
+
 def fit_phase(
     phase: str, cfg: Config, strategy: tf.distribute.Strategy, splits: Splits,
     run_dir: Path, first_epoch: int, epochs: int, init_weights: Path | None,
@@ -138,7 +180,9 @@ def fit_phase(
             set_finetune_trainable(model, cfg.finetune.unfreeze)
         if init_weights is not None:
             model.load_weights(init_weights)
-        compile_for_phase(model, cfg, phase, steps)
+        # The base is frozen in phase 1: its features are computed once, not every epoch.
+        extractor, trained = split_at_features(model) if phase == "head" else (None, model)
+        compile_for_phase(trained, cfg, phase, steps)
 
     resume_at = _resumed_epoch(backup_dir, first_epoch)
     rundir.truncate_metrics(run_dir, resume_at)
@@ -152,15 +196,15 @@ def fit_phase(
     if resume_at > first_epoch:
         log.info("%s: resuming at epoch %d (best val_accuracy so far %s)",
                  phase, resume_at + 1, best_so_far)  # fmt: skip
-    trainable = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+    trainable = sum(int(np.prod(v.shape)) for v in trained.trainable_weights)
     log.info("%s: epochs %d-%d, %d trainable parameters, %d steps/epoch, %d replica(s)",
              phase, first_epoch + 1, first_epoch + epochs, trainable, steps,
              strategy.num_replicas_in_sync)  # fmt: skip
 
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.ModelCheckpoint(
-            str(best_path), monitor="val_accuracy", mode="max", save_best_only=True,
+        WholeModelCheckpoint(
+            model, str(best_path), monitor="val_accuracy", mode="max", save_best_only=True,
             save_weights_only=True, initial_value_threshold=best_so_far,
         ),  # fmt: skip
         keras.callbacks.CSVLogger(str(run_dir / rundir.METRICS), append=True),
@@ -173,8 +217,11 @@ def fit_phase(
         ),
     ]
     start = time.perf_counter()
-    history = model.fit(
-        splits.train, validation_data=splits.val, initial_epoch=first_epoch,
+    train, val, features_s = (
+        cached_feature_data(extractor, cfg, splits) if extractor else (splits.train, splits.val, 0.0)
+    )
+    history = trained.fit(
+        train, validation_data=val, initial_epoch=first_epoch,
         epochs=first_epoch + epochs, callbacks=callbacks, shuffle=False,  # tf.data shuffles
         verbose=1 if sys.stdout.isatty() else 2,
     )  # fmt: skip
@@ -203,6 +250,7 @@ def fit_phase(
         "train_accuracy": rows[-1]["accuracy"],
         "trainable_parameters": trainable,
         "wall_time_s": round(wall, 1),
+        "feature_extraction_s": round(features_s, 1),
         # Of this invocation only: a resumed phase reports the epochs it ran itself.
         "epochs_run": epochs_run,
         "images_per_second": round(epochs_run * splits.num_train / wall, 1) if epochs_run else None,
