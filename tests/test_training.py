@@ -17,6 +17,8 @@ from conftest import free_port, tiny_overrides
 from tlkeras.config import dump_yaml, load_config
 from tlkeras.errors import UserError
 from tlkeras.train import main
+from tlkeras.data import make_datasets
+from tlkeras.model import build_model
 from tlkeras.training import train_and_evaluate
 
 
@@ -73,12 +75,19 @@ def test_phase1_computes_the_frozen_features_once(mock_cifar, tmp_path, mirrored
         return real(extractor, images, flip)
 
     cfg = load_config(None, tiny_overrides(**{"head.epochs": "3", "finetune.epochs": "0",
-                                              "head.mirrored_features": mirrored}))  # fmt: skip
+                                              "head.mirrored_features": mirrored,
+                                              "runtime.mixed_precision": "float32"}))  # fmt: skip
     with mock.patch.object(training, "compute_features", counting):
         summary = train_and_evaluate(cfg, tmp_path)
     assert calls == expected  # train (+ mirrored train) and val, once for all 3 epochs
     assert read_epochs(tmp_path) == [0, 1, 2]
-    assert summary["phases"]["head"]["feature_extraction_s"] > 0
+    # The head trained on features is the whole model's head: the saved whole model
+    # scores the validation images as the head scored their features.
+    whole = build_model(cfg.model, load_weights=False)
+    whole.load_weights(tmp_path / "checkpoints" / "head_best.weights.h5")
+    whole.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    val = make_datasets(cfg.data, cfg.seed).val
+    assert whole.evaluate(val, verbose=0)[1] == pytest.approx(summary["phases"]["head"]["val_accuracy"])
 
 
 def test_finished_run_is_never_overwritten(mock_cifar, tmp_path):
@@ -274,9 +283,23 @@ def _wait_for_rows(run, rows, proc, timeout=300):
     raise AssertionError(f"no epoch {rows} within {timeout} s")
 
 
+def _wait_for_log(run, text, proc, timeout=300):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"training exited early with {proc.returncode}"
+        if (run / "train.log").exists() and text in (run / "train.log").read_text():
+            time.sleep(0.5)  # the features of 1,500 images take seconds
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no '{text}' in the log within {timeout} s")
+
+
 @pytest.mark.real
 def test_sigkill_mid_epoch_in_both_phases_then_resume(assets, tmp_path):
-    """A real training process killed with SIGKILL in phase 1 and in phase 2, then rerun."""
+    """A real training process killed with SIGKILL in phase 1 (while it computes the
+    frozen features) and mid-epoch in phase 2, then rerun."""
     import signal
 
     args = [
@@ -285,6 +308,7 @@ def test_sigkill_mid_epoch_in_both_phases_then_resume(assets, tmp_path):
         "--set", "data.train_split=train[:600]", "--set", "data.val_split=train[45000:45300]",
         "--set", "data.test_split=test[:600]", "--set", "data.batch_size=50",
         "--set", "head.epochs=2", "--set", "finetune.epochs=2", "--set", "finetune.unfreeze=block5",
+        "--set", "data.augment=true", "--set", "head.mirrored_features=true",
         "--set", "finetune.learning_rate=1e-4", "--set", "export.enabled=false",
     ]  # fmt: skip
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -303,9 +327,10 @@ def test_sigkill_mid_epoch_in_both_phases_then_resume(assets, tmp_path):
 
     run = tmp_path / "killed"
     first = start(run)
-    _wait_for_rows(run, 1, first)  # phase 1, epoch 2 under way
+    _wait_for_log(run, "head: epochs", first)  # phase 1 under way: computing the features
     first.send_signal(signal.SIGKILL)
     first.wait()
+    assert "head: features of" not in (run / "train.log").read_text()  # killed mid-extraction
     second = start(run)
     _wait_for_rows(run, 3, second)  # phase 2, epoch 4 under way
     second.send_signal(signal.SIGKILL)

@@ -175,6 +175,9 @@ def fit_phase(
     steps = steps_per_epoch(splits.num_train, cfg.data.batch_size)
 
     with strategy.scope():
+        # Seeded here: a resumed phase 1 with random weights (model.weights=null) rebuilds
+        # the very base its backed-up head was trained on.
+        keras.utils.set_random_seed(cfg.seed)
         model = build_model(cfg.model, load_weights=init_weights is None)
         if phase == "finetune":
             set_finetune_trainable(model, cfg.finetune.unfreeze)
