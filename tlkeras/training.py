@@ -221,7 +221,7 @@ def fit_phase(
     ]
     start = time.perf_counter()
     train, val, features_s = (
-        cached_feature_data(extractor, cfg, splits) if extractor else (splits.train, splits.val, 0.0)
+        cached_feature_data(extractor, cfg, splits) if extractor else (splits.train, splits.val, None)
     )
     history = trained.fit(
         train, validation_data=val, initial_epoch=first_epoch,
@@ -253,12 +253,13 @@ def fit_phase(
         "train_accuracy": rows[-1]["accuracy"],
         "trainable_parameters": trainable,
         "wall_time_s": round(wall, 1),
-        "feature_extraction_s": round(features_s, 1),
         # Of this invocation only: a resumed phase reports the epochs it ran itself.
         "epochs_run": epochs_run,
         "images_per_second": round(epochs_run * splits.num_train / wall, 1) if epochs_run else None,
         "best_weights": str(best_path.relative_to(run_dir)),
     }
+    if features_s is not None:  # phase 1 only: part of its wall time
+        record["feature_extraction_s"] = round(features_s, 1)
     rundir.write_json(ckpt_dir / f"{phase}.json", record)
     shutil.rmtree(backup_dir, ignore_errors=True)
     return record
