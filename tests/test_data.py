@@ -102,3 +102,14 @@ def test_feature_dataset_without_seed_keeps_order():
     labels = np.arange(10)
     ds = feature_dataset(np.eye(10, dtype=np.float32), labels, 4)
     assert np.concatenate([y.numpy() for _, y in ds]).tolist() == labels.tolist()
+
+
+def test_failed_download_is_one_readable_error(monkeypatch):
+    import tensorflow_datasets as tfds
+
+    def offline(*args, **kwargs):  # requests' ConnectionError is an OSError, like this one
+        raise ConnectionError("Failed to resolve 'www.cs.toronto.edu'")
+
+    monkeypatch.setattr(tfds, "load", offline)
+    with pytest.raises(UserError, match=r"downloading CIFAR-10 failed \(Failed to resolve.*data.download=false"):
+        make_datasets(DataConfig(download=True))

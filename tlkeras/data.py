@@ -51,6 +51,15 @@ def load_split(cfg: DataConfig, split: str, key: str) -> tf.data.Dataset:
             f"set data.download=true (needs network) or data.data_dir to a folder holding "
             f"{DATASET}/3.0.2 (e.g. ../shared/assets/tensorflow_datasets)"
         ) from None
+    except OSError as e:  # requests' ConnectionError and the like, from the download
+        if not cfg.download:
+            raise
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UserError(
+            f"downloading CIFAR-10 failed ({reason}); offline, set data.data_dir to a folder "
+            f"holding {DATASET}/3.0.2 (e.g. ../shared/assets/tensorflow_datasets) and "
+            f"data.download=false"
+        ) from None
     except ValueError as e:
         if "split" not in str(e).lower():
             raise
