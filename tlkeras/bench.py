@@ -63,7 +63,9 @@ def figure(metric: str, unit: str, ours: float, baseline: float, **config) -> di
     }  # fmt: skip
 
 
-def bench_inference(savedmodel: Path, onnx_path: Path, quick: bool) -> list[dict[str, Any]]:
+def bench_inference(savedmodel: Path, onnx_path: Path, quick: bool, image_size: int) -> list[dict[str, Any]]:
+    """Latency of both exports; and onnxruntime's batch-1 FLOP/s against the float32 peak,
+    which shows how much room any float32 runtime has left on this machine."""
     import tensorflow as tf
 
     serve = tf.saved_model.load(str(savedmodel)).signatures["serving_default"]
@@ -82,6 +84,14 @@ def bench_inference(savedmodel: Path, onnx_path: Path, quick: bool) -> list[dict
             baseline_setup="TF SavedModel serving_default (eager signature call)",
             batch=batch, repeats=repeats, statistic="median",
         ))  # fmt: skip
+        if batch == 1:
+            flops = 2 * conv_macs(_model("float32", image_size))[0] / ours
+            peak = matmul_peak("float32")
+            out.append(figure(
+                "onnx_batch1_flops_fraction_of_float32_peak", "fraction", flops / peak, 1.0,
+                achieved_gflops=round(flops / 1e9, 1), peak_gflops=round(peak / 1e9, 1),
+                image_size=image_size, note="baseline 1.0 is the measured float32 matmul peak",
+            ))  # fmt: skip
     return out
 
 
@@ -381,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = run_config(args.run_dir)
         with tempfile.TemporaryDirectory() as tmp:
             savedmodel, onnx_path = exported_model(args.run_dir, Path(tmp))
-            emit(bench_inference(savedmodel, onnx_path, args.quick))
+            image_size = cfg.model.image_size if cfg else 32
+            emit(bench_inference(savedmodel, onnx_path, args.quick, image_size))
             emit(bench_int8(onnx_path, Path(tmp), args.quick, bench_data(args.run_dir, args.quick)))
         if cfg is None:
             print("phase 1 and input-pipeline figures need real CIFAR-10: pass --run-dir",
