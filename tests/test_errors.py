@@ -65,12 +65,13 @@ def test_finished_run_folder_is_refused_and_kept(mock_cifar, tmp_path, capsys):
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(mock_cifar, tmp_path, capsys, monkeypatch):
+def test_nan_loss_stops_and_deletes_the_diverged_checkpoint(mock_cifar, tmp_path, capsys, monkeypatch):
     import keras
 
     from tlkeras import training
 
-    real = training.compile_for_phase
+    real_compile, real_drop = training.compile_for_phase, training._drop_if_not_finite
+    dropped = []
 
     def nan_loss(y, p):
         return keras.losses.sparse_categorical_crossentropy(y, p) * float("nan")
@@ -78,17 +79,27 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(mock_cifar, tmp_path,
     def diverging(model, cfg, phase, steps):
         # A NaN loss in phase 2 every time. A huge learning rate gave NaN in only 4 of 6
         # probes (the clipped cross-entropy can saturate at a finite loss instead).
-        real(model, cfg, phase, steps)
+        real_compile(model, cfg, phase, steps)
         if phase == "finetune":
-            model.compile(optimizer=model.optimizer, loss=nan_loss, metrics=["accuracy"])
+            model.compile(optimizer=model.optimizer, loss=nan_loss, metrics=["accuracy"],
+                          jit_compile=cfg.runtime.jit_compile,
+                          steps_per_execution=cfg.runtime.steps_per_execution)  # fmt: skip
+
+    def spy(model, path):
+        existed = path.exists()
+        dropped.append((existed, real_drop(model, path)))
+        return dropped[-1][1]
 
     monkeypatch.setattr(training, "compile_for_phase", diverging)
+    monkeypatch.setattr(training, "_drop_if_not_finite", spy)
     run = tmp_path / "run"
-    code, err = run_train(capsys, "--run-dir", str(run), *sets())
+    # Two fine-tuning epochs: without TerminateOnNaN the run would go on to epoch 3.
+    code, err = run_train(capsys, "--run-dir", str(run), *sets(**{"finetune.epochs": "2"}))
     assert code == 1
     assert "finetune: the loss became NaN/inf in epoch 2" in err and "Lower finetune.learning_rate" in err
     assert not (run / "summary.json").exists()
     assert (run / "checkpoints" / "head_best.weights.h5").exists()  # phase 1's stays
-    # The only phase-2 checkpoint came from the diverged model: deleted, not kept as best.
+    # Epoch 2 wrote a checkpoint from the diverged model; it was deleted, not kept as best.
+    assert dropped == [(True, False)]
     assert "no good weights were saved in this phase" in err
     assert not (run / "checkpoints" / "finetune_best.weights.h5").exists()

@@ -12,6 +12,8 @@ the achieved FLOP/s as a fraction of this machine's matrix-multiply peak measure
 Inference: onnxruntime (ours) against the TF SavedModel (baseline) at batch 1 and 64, and
 an int8 ONNX model (static QDQ quantization, calibrated on CIFAR-10 training images)
 against the float32 one, with the test-accuracy change when the run's data is at hand.
+onnxruntime's batch-1 FLOP/s is also set against the float32 matmul peak: the headroom
+any float32 runtime has left.
 With --run-dir the run's exported model is timed; otherwise a freshly built one (latency
 does not depend on the weight values). Run it on an otherwise idle machine.
 """
