@@ -16,9 +16,9 @@ import pytest
 from conftest import free_port, tiny_overrides
 from tlkeras.config import dump_yaml, load_config
 from tlkeras.errors import UserError
-from tlkeras.train import main
 from tlkeras.data import make_datasets
 from tlkeras.model import build_model
+from tlkeras.train import main
 from tlkeras.training import train_and_evaluate
 
 
@@ -269,31 +269,34 @@ def test_mirrored_step_equals_default_step_at_the_same_global_batch():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def _wait_for_rows(run, rows, proc, timeout=300):
-    """Waits until metrics.csv has `rows` epochs, then a moment into the next epoch."""
+def _wait_until(done, what, proc, settle, timeout=300):
+    """Polls `done()` while training runs, then waits `settle` s to land mid-work."""
     import time
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"training exited early with {proc.returncode}"
-        if (run / "metrics.csv").exists() and len(read_epochs(run)) >= rows:
-            time.sleep(1.5)  # mid-epoch: an epoch here takes several seconds
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no epoch {rows} within {timeout} s")
-
-
-def _wait_for_log(run, text, proc, timeout=300):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"training exited early with {proc.returncode}"
-        if (run / "train.log").exists() and text in (run / "train.log").read_text():
-            time.sleep(0.5)  # the features of 1,500 images take seconds
+        if done():
+            time.sleep(settle)
             return
         time.sleep(0.1)
-    raise AssertionError(f"no '{text}' in the log within {timeout} s")
+    raise AssertionError(f"no {what} within {timeout} s")
+
+
+def _wait_for_rows(run, rows, proc):
+    # An epoch here takes several seconds: 1.5 s after a row is mid-epoch.
+    def has_rows():
+        return (run / "metrics.csv").exists() and len(read_epochs(run)) >= rows
+
+    _wait_until(has_rows, f"epoch {rows}", proc, settle=1.5)
+
+
+def _wait_for_log(run, text, proc):
+    # The features of 1,500 images take seconds: 0.5 s after the line is mid-extraction.
+    def logged():
+        return (run / "train.log").exists() and text in (run / "train.log").read_text()
+
+    _wait_until(logged, f"'{text}' in the log", proc, settle=0.5)
 
 
 @pytest.mark.real

@@ -21,6 +21,7 @@ from tlkeras.errors import ConfigError, UserError
 DATASET = "cifar10"
 IMAGE_SHAPE = (32, 32, 3)
 PAD = 4  # random translation of up to 4 pixels, the usual CIFAR augmentation
+LOCAL_COPY = f"a folder holding {DATASET}/3.0.2 (e.g. ../shared/assets/tensorflow_datasets)"
 
 
 @dataclass
@@ -48,17 +49,15 @@ def load_split(cfg: DataConfig, split: str, key: str) -> tf.data.Dataset:
         where = cfg.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
         raise UserError(
             f"CIFAR-10 not found in data.data_dir={where!r} and data.download=false; "
-            f"set data.download=true (needs network) or data.data_dir to a folder holding "
-            f"{DATASET}/3.0.2 (e.g. ../shared/assets/tensorflow_datasets)"
+            f"set data.download=true (needs network) or data.data_dir to {LOCAL_COPY}"
         ) from None
     except OSError as e:  # requests' ConnectionError and the like, from the download
         if not cfg.download:
             raise
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise UserError(
-            f"downloading CIFAR-10 failed ({reason}); offline, set data.data_dir to a folder "
-            f"holding {DATASET}/3.0.2 (e.g. ../shared/assets/tensorflow_datasets) and "
-            f"data.download=false"
+            f"downloading CIFAR-10 failed ({reason}); offline, set data.data_dir to "
+            f"{LOCAL_COPY} and data.download=false"
         ) from None
     except ValueError as e:
         if "split" not in str(e).lower():
