@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Folder scans are cached per user; tests (and the processes they start) use their own cache.
+os.environ["TLKERAS_CACHE_DIR"] = tempfile.mkdtemp(prefix="tlkeras-test-cache-")
 
 import tensorflow as tf  # noqa: E402
 
@@ -21,18 +24,38 @@ tf.config.set_logical_device_configuration(
 ASSETS = Path(os.environ.get("TLKERAS_ASSETS", Path(__file__).resolve().parents[2] / "shared" / "assets"))
 WEIGHTS = ASSETS / "vgg16" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 TFDS_DIR = ASSETS / "tensorflow_datasets"
+HYMENOPTERA = ASSETS / "hymenoptera_data"
+MOBILENET_V2_WEIGHTS = ASSETS / "mobilenet_v2" / "mobilenet_v2_1.0_224_notop.weights.h5"
 
 
-@pytest.fixture
-def assets() -> SimpleNamespace:
-    """The real VGG16 weights and CIFAR-10; CI sets TLKERAS_REQUIRE_ASSETS=1 so absence fails."""
-    missing = [p for p in (WEIGHTS, TFDS_DIR / "cifar10") if not p.exists()]
+def _require(paths: list[Path]) -> None:
+    missing = [p for p in paths if not p.exists()]
     if missing:
         reason = f"real assets not found: {', '.join(map(str, missing))} (set TLKERAS_ASSETS)"
         if os.environ.get("TLKERAS_REQUIRE_ASSETS") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+@pytest.fixture
+def assets() -> SimpleNamespace:
+    """The real VGG16 weights and CIFAR-10; CI sets TLKERAS_REQUIRE_ASSETS=1 so absence fails."""
+    _require([WEIGHTS, TFDS_DIR / "cifar10"])
     return SimpleNamespace(weights=WEIGHTS, tfds_dir=TFDS_DIR)
+
+
+@pytest.fixture
+def hymenoptera() -> SimpleNamespace:
+    """The real VGG16 weights and the ants-vs-bees photo folder."""
+    _require([WEIGHTS, HYMENOPTERA / "train", HYMENOPTERA / "val"])
+    return SimpleNamespace(weights=WEIGHTS, folder=HYMENOPTERA)
+
+
+@pytest.fixture
+def mobilenet_assets() -> SimpleNamespace:
+    """The real MobileNetV2 weights (Keras 3 .weights.h5, loaded by path) and CIFAR-10."""
+    _require([MOBILENET_V2_WEIGHTS, TFDS_DIR / "cifar10"])
+    return SimpleNamespace(weights=MOBILENET_V2_WEIGHTS, tfds_dir=TFDS_DIR)
 
 
 @pytest.fixture
@@ -62,6 +85,15 @@ def tiny_overrides(**extra: str) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+CIFAR_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def tiny_info(size: int = 32, names: tuple[str, ...] = CIFAR_NAMES):
+    from tlkeras.data import DatasetInfo
+
+    return DatasetInfo(name="test", source="tfds", class_names=tuple(names), image_size=size)
+
+
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
     """A random-weight model exported once: (keras model, export base, export record)."""
@@ -72,6 +104,29 @@ def tiny_export(tmp_path_factory):
     from tlkeras.model import build_model
 
     base = tmp_path_factory.mktemp("export")
-    model = build_model(ModelConfig(weights=None, image_size=32, head_units=16))
+    info = tiny_info()
+    model = build_model(ModelConfig(weights=None, image_size=32, head_units=16), info)
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    return model, base, export_model(model, base, "tlkeras", images)
+    return model, base, export_model(model, base, "tlkeras", images, info.class_names)
+
+
+def make_image_folder(root: Path, layout: dict[str, int], size=(40, 30), fmt: str = "PNG", seed: int = 0) -> Path:
+    """Writes <root>/<class path>/<i>.<fmt> images; layout maps 'cats' or 'train/cats' to a count.
+
+    Each class has its own mean colour, so a model can learn the classes from pixels.
+    """
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    ext = {"PNG": "png", "JPEG": "jpg", "BMP": "bmp", "GIF": "gif"}[fmt]
+    names = sorted({Path(cls).name for cls in layout})
+    for cls, count in sorted(layout.items()):
+        k = names.index(Path(cls).name)
+        folder = root / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        colour = np.array([(k * 97) % 256, (k * 53 + 80) % 256, (k * 31 + 160) % 256])
+        for i in range(count):
+            pixels = np.clip(colour + rng.normal(0, 20, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.{ext}", format=fmt)
+    return root

@@ -40,7 +40,7 @@ def test_conv_macs_counts_vgg16_and_the_trainable_part():
     from tlkeras.config import ModelConfig
     from tlkeras.model import build_model, set_finetune_trainable
 
-    model = build_model(ModelConfig(weights=None, image_size=32, head_units=16))
+    model = build_model(ModelConfig(weights=None, image_size=32, head_units=16), bench.cifar10_info())
     total, trainable, input_grad = bench.conv_macs(model)
     assert abs(total - 0.313e9) / 0.313e9 < 0.01  # the figure for 32x32
     assert trainable == input_grad == 0  # phase 1: nothing in the base trains
@@ -50,5 +50,5 @@ def test_conv_macs_counts_vgg16_and_the_trainable_part():
     block5 = 3 * 2 * 2 * 3 * 3 * 512 * 512  # three 3x3 512->512 convolutions on 2x2
     assert trainable == block5 and input_grad == block5 * 2 // 3  # block5_conv1 needs no input gradient
 
-    big = build_model(ModelConfig(weights=None, image_size=64, head_units=16))
+    big = build_model(ModelConfig(weights=None, image_size=64, head_units=16), bench.cifar10_info())
     assert bench.conv_macs(big)[0] == 4 * total  # the square of the side

@@ -12,7 +12,7 @@ def test_defaults_match_default_yaml():
     assert load_config(CONFIGS / "default.yaml") == Config()
 
 
-@pytest.mark.parametrize("name", ["smoke.yaml", "cpu.yaml", "cpu_10pct.yaml"])
+@pytest.mark.parametrize("name", ["smoke.yaml", "cpu.yaml", "cpu_10pct.yaml", "hymenoptera.yaml", "flowers.yaml"])
 def test_variant_files_load_and_only_list_differences(name):
     import yaml
 
@@ -66,6 +66,8 @@ def test_resolved_config_round_trips(tmp_path):
         ("noequals", "is not KEY=VALUE"),
         ("head.learning_rate=.nan", "head.learning_rate=nan must be a finite number"),
         ("finetune.unfreeze=block2_conv3", "finetune.unfreeze='block2_conv3' names no VGG16 layer"),
+        ("finetune.unfreeze=block_13", "finetune.unfreeze='block_13' names no VGG16 layer"),
+        ("model.backbone=resnet50", "model.backbone='resnet50' is not one of vgg16, mobilenet_v2"),
         ("export.name=../x", "export.name='../x' must be a plain folder name"),
         ("export.name=onnx", "other than 'onnx'"),
     ],
@@ -75,6 +77,24 @@ def test_bad_values_name_the_key(override, message):
         load_config(None, [override])
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_backbone_choices_are_the_model_table():
+    from tlkeras.config import CHOICES
+    from tlkeras.model import BACKBONES
+
+    assert CHOICES["model.backbone"] == tuple(BACKBONES)
+    assert Config().model.backbone == "vgg16"
+
+
+def test_unfreeze_is_checked_against_the_chosen_backbone():
+    cfg = load_config(None, ["model.backbone=mobilenet_v2", "finetune.unfreeze=block_13"])
+    assert (cfg.model.backbone, cfg.finetune.unfreeze) == ("mobilenet_v2", "block_13")
+    load_config(None, ["model.backbone=mobilenet_v2", "finetune.unfreeze=Conv_1"])
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.backbone=mobilenet_v2", "finetune.unfreeze=block5"])
+    assert str(e.value).startswith("finetune.unfreeze='block5' names no MobileNetV2 layer; use 'all', a block (block_1, ")
+    assert "block_16, Conv_1) or a layer name such as 'block_16_expand'" in str(e.value)
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -90,3 +110,27 @@ def test_empty_section_means_defaults(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("data:\nhead:\n  epochs: 2\n")
     assert load_config(f).data == Config().data
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("model.weights=/nonexistent/vgg.h5", "model.weights='/nonexistent/vgg.h5': no such readable file"),
+    ("data.dataset=./no/such/photos", "data.dataset='./no/such/photos': no such folder"),
+    ("data.train_split=train[90%:90%]", "data.train_split='train[90%:90%]' selects no examples"),
+    ("data.val_split=train[:10%", "data.val_split='train[:10%' is not a valid tfds split"),
+])  # fmt: skip
+def test_preflight_fails_in_seconds_without_tensorflow(tmp_path, setting, message):
+    """`python -m tlkeras.train` with a bad path or split: no TensorFlow import, one line."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys; from tlkeras.train import main; rc = main(sys.argv[1:]); "
+            "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'; sys.exit(rc)")  # fmt: skip
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code, "--run-dir", str(tmp_path / "r"), "--set", setting],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.returncode in (1, 2), out.stderr
+    assert out.stderr.strip().splitlines() == [f"error: {out.stderr.strip().split('error: ', 1)[1]}"]
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r").exists()  # nothing written
+    assert time.monotonic() - start < 20

@@ -111,5 +111,189 @@ def test_failed_download_is_one_readable_error(monkeypatch):
         raise ConnectionError("Failed to resolve 'www.cs.toronto.edu'")
 
     monkeypatch.setattr(tfds, "load", offline)
-    with pytest.raises(UserError, match=r"downloading CIFAR-10 failed \(Failed to resolve.*data.download=false"):
+    with pytest.raises(UserError, match=r"downloading tfds dataset 'cifar10' failed \(Failed to resolve.*data.download=false"):
         make_datasets(DataConfig(download=True))
+
+
+# ---------------------------------------------------------------------------- folders
+
+from pathlib import Path  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from conftest import make_image_folder  # noqa: E402
+from tlkeras import data as D  # noqa: E402
+from tlkeras.data import auto_tfds_splits, carve, make_datasets as make  # noqa: E402
+
+
+def labels_of(ds):
+    return np.concatenate([y.numpy() for _, y in ds])
+
+
+def folder_cfg(root, **kw):
+    return DataConfig(dataset=str(root), batch_size=8, shuffle_buffer=64, **kw)
+
+
+def test_flat_folder_classes_carves_and_skips_what_is_not_an_image(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "pets", {"cats": 20, "dogs": 10, "emus": 10})
+    make_image_folder(root, {"dogs": 3}, fmt="JPEG", seed=1)  # 0.jpg..2.jpg beside the PNGs
+    (root / "cats" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 40)  # cut short
+    (root / "cats" / ".DS_Store").write_bytes(b"\0" * 64)
+    (root / "dogs" / "Thumbs.db").write_bytes(b"\0" * 64)
+    (root / "emus" / "notes.txt").write_text("not an image")
+    splits = make(folder_cfg(root, image_size=24, val_fraction=0.2, test_fraction=0.1), seed=3)
+    info = splits.info
+    assert info.source == "folder" and info.class_names == ("cats", "dogs", "emus")
+    assert info.image_size == 24
+    # cats 20: 4 val, 2 test; dogs 13: 3 val (2.6), 1 test; emus 10: 2 val, 1 test.
+    assert (info.num_val, info.num_test, info.num_train) == (9, 4, 43 - 13)
+    assert info.train_class_counts == (14, 9, 7)
+    x, y = next(iter(splits.test))
+    assert x.dtype == tf.uint8 and x.shape[1:] == (24, 24, 3) and y.dtype == tf.int64
+    assert "1 of 44 image files cannot be decoded" in caplog.text and "broken.jpg" in caplog.text
+    assert "1 non-image files ignored" in caplog.text
+    # Stratified: every class in every split; disjoint; the same seed gives the same split.
+    assert sorted(set(labels_of(splits.val))) == [0, 1, 2] and sorted(set(labels_of(splits.test))) == [0, 1, 2]
+    again = make(folder_cfg(root, image_size=24, val_fraction=0.2, test_fraction=0.1), seed=3)
+    np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in again.test]),
+                                  np.concatenate([x.numpy() for x, _ in splits.test]))
+
+
+def test_folder_images_are_those_files_centre_cropped_to_size(tmp_path):
+    root = tmp_path / "d"
+    for name, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            wide = np.zeros((20, 60, 3), np.uint8)
+            wide[:, 20:40] = colour  # the centre third carries the colour
+            Image.fromarray(wide).save(root / name / f"{i}.bmp")
+        Image.fromarray(np.full((30, 30, 3), colour, np.uint8)).save(root / name / "g.gif")
+    splits = make(folder_cfg(root, image_size=16, val_fraction=0.25, test_fraction=0.25, augment=False))
+    x = np.concatenate([x.numpy() for x, _ in splits.train_plain])
+    y = labels_of(splits.train_plain)
+    assert splits.info.class_names == ("blue", "red")
+    channel = np.where(y == 0, 2, 0)  # blue -> channel 2, red -> channel 0
+    centre = x[np.arange(len(y)), 8, 8, channel]
+    assert (centre > 200).all()  # crop kept the coloured centre, not the black sides
+
+
+def test_train_and_val_folders_pick_epochs_on_a_carve_and_report_on_val(tmp_path):
+    root = make_image_folder(tmp_path / "hym", {"train/ants": 10, "train/bees": 10,
+                                                "val/ants": 4, "val/bees": 5})  # fmt: skip
+    splits = make(folder_cfg(root, image_size=16))
+    info = splits.info
+    assert info.num_test == 9 and info.num_val == 2 and info.num_train == 18
+    assert info.splits["test"].startswith("validation folder")
+    assert "stratified" in info.splits["val"]
+
+
+def test_train_val_test_folders_are_used_as_they_are(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"train/a": 6, "train/b": 6, "validation/a": 2,
+                                              "validation/b": 3, "test/a": 4, "test/b": 1})  # fmt: skip
+    info = make(folder_cfg(root, image_size=16)).info
+    assert (info.num_train, info.num_val, info.num_test) == (12, 5, 5)
+
+
+def test_split_strings_slice_split_folders_with_tfds_syntax(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"train/a": 10, "train/b": 10, "val/a": 3, "val/b": 3})
+    cfg = folder_cfg(root, image_size=16, train_split="train[:50%]", val_split="train[50%:]",
+                     test_split="val")  # fmt: skip
+    splits = make(cfg)
+    assert (splits.num_train, splits.num_val, splits.num_test) == (10, 10, 6)
+    assert sorted(set(labels_of(splits.train_plain))) == [0, 1]  # a random slice, not class a only
+    with pytest.raises(ConfigError, match=r"data.test_split='tset' does not select from this folder's splits"):
+        make(folder_cfg(root, image_size=16, test_split="tset"))
+
+
+def test_the_scan_is_cached_and_redone_when_a_file_changes(tmp_path, monkeypatch):
+    root = make_image_folder(tmp_path / "d", {"a": 4, "b": 4})
+    calls = []
+    real = D._check
+    monkeypatch.setattr(D, "_check", lambda p: calls.append(p) or real(p))
+    cfg = folder_cfg(root, image_size=16, val_fraction=0.25, test_fraction=0.25)
+    make(cfg)
+    assert len(calls) == 8
+    make(cfg)
+    assert len(calls) == 8  # cached
+    (root / "a" / "0.png").write_bytes(b"broken")
+    assert make(cfg).info.num_train + make(cfg).info.num_val + make(cfg).info.num_test == 7
+    assert len(calls) == 16  # the listing changed: scanned again, once
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda r: None, "no such folder"),
+    (lambda r: (r / "empty").mkdir(parents=True), "holds no class subfolders with images"),
+    (lambda r: make_image_folder(r, {"only": 3}), "has one class (only)"),
+    (lambda r: (make_image_folder(r, {"a": 3}), (r / "b").mkdir(), (r / "b" / "x.png").write_bytes(b"no")),
+     "class 'b' in"),
+    (lambda r: make_image_folder(r, {"train/a": 3, "train/b": 3, "val/a": 2, "val/c": 2}),
+     "the class folders of val/ differ from train/ (b, c)"),
+    (lambda r: make_image_folder(r, {"train/a": 3, "train/b": 3, "extra/a": 1}), "mixes split folders"),
+    (lambda r: make_image_folder(r, {"a": 2, "b": 2}), "the val split of"),
+])  # fmt: skip
+def test_folder_errors_name_the_problem(tmp_path, setup, message):
+    root = tmp_path / "data"
+    setup(root)
+    if message == "holds no class subfolders with images":
+        root = root / "empty"
+    with pytest.raises(UserError) as e:
+        make(folder_cfg(root, image_size=16, val_fraction=0.1, test_fraction=0.1))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_carve_is_stratified_seeded_and_disjoint():
+    files = {"a": [Path(f"a{i}") for i in range(10)], "b": [Path(f"b{i}") for i in range(5)]}
+    tr, va, te = carve(files, (0.2, 0.2), seed=0)
+    assert [len(p) for p in (tr, va, te)] == [9, 3, 3]
+    assert {y for _, y in va} == {0, 1} and {y for _, y in te} == {0, 1}
+    everything = [p for part in (tr, va, te) for p, _ in part]
+    assert len(set(everything)) == 15
+    assert carve(files, (0.2, 0.2), seed=0) == (tr, va, te)
+    assert carve(files, (0.2, 0.2), seed=1) != (tr, va, te)
+
+
+# ---------------------------------------------------------------------------- other tfds
+
+
+@pytest.mark.parametrize("available, explicit, expected", [
+    (["train", "test"], {}, {"train": "train[:90%]", "val": "train[90%:100%]", "test": "test"}),
+    (["train"], {}, {"train": "train[:80%]", "val": "train[80%:90%]", "test": "train[90%:]"}),
+    (["train", "validation", "test"], {}, {"train": "train", "val": "validation", "test": "test"}),
+    (["train", "validation"], {}, {"train": "train[:90%]", "val": "train[90%:100%]", "test": "validation"}),
+    (["train", "test"], {"val": "test[:50%]"}, {"train": "train", "val": "test[:50%]", "test": "test"}),
+])  # fmt: skip
+def test_automatic_tfds_splits(available, explicit, expected):
+    explicit = {"train": None, "val": None, "test": None, **explicit}
+    assert auto_tfds_splits(available, explicit, 0.1, 0.1) == expected
+
+
+def test_another_tfds_dataset_takes_its_classes_and_size_from_tfds():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        splits = make(DataConfig(dataset="tf_flowers", batch_size=4, shuffle_buffer=8), model_size=40)
+    assert splits.info.class_names == ("dandelion", "daisy", "tulips", "sunflowers", "roses")
+    assert splits.info.image_size == 40  # variable-size images: the model's size
+    x, y = next(iter(splits.train))
+    assert x.shape == (4, 40, 40, 3) and x.dtype == tf.uint8 and int(tf.reduce_max(y)) < 5
+
+
+def test_tfds_datasets_that_are_not_image_classification_are_refused():
+    with pytest.raises(UserError, match="'imdb_reviews' has no image feature"):
+        make(DataConfig(dataset="imdb_reviews"))
+    with pytest.raises(UserError, match="is neither a folder nor a tfds dataset name"):
+        make(DataConfig(dataset="no_such_dataset_xyz"))
+
+
+def test_overlapping_splits_are_named_in_a_warning(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "d", {"a": 10, "b": 10})
+    make(folder_cfg(root, image_size=16, train_split="train", val_split="train[:25%]", test_split="train[90%:]"))
+    assert "the train split (train) and the val split (train[:25%]) share 5 examples" in caplog.text
+    assert "the val split" in caplog.text and "share 2 examples" in caplog.text
+
+
+def test_overlapping_tfds_splits_are_named_in_a_warning(assets, caplog):
+    cfg = DataConfig(data_dir=str(assets.tfds_dir), download=False, train_split="train[:5000]",
+                     val_split="train[4000:6000]", test_split="test[:100]", cache=False)  # fmt: skip
+    make(cfg, model_size=32)
+    assert "the train split (train[:5000]) and the val split (train[4000:6000]) share 1000 examples" in caplog.text

@@ -34,7 +34,7 @@ def sets(**extra):
          "data.batch_size=7 does not split evenly across 2 replicas; use a multiple of 2, e.g. 6 or 8"),
         ({"data.train_split": "train[:50"}, 2, "data.train_split='train[:50' is not a valid tfds split"),
         ({"finetune.unfreeze": "block7"}, 2, "finetune.unfreeze='block7' names no VGG16 layer"),
-        ({"model.weights": "/nonexistent/vgg.h5"}, 1, "model.weights='/nonexistent/vgg.h5': no such file"),
+        ({"model.weights": "/nonexistent/vgg.h5"}, 1, "model.weights='/nonexistent/vgg.h5': no such readable file"),
     ],
 )  # fmt: skip
 def test_bad_settings(mock_cifar, tmp_path, capsys, extra, code, message):
@@ -43,9 +43,13 @@ def test_bad_settings(mock_cifar, tmp_path, capsys, extra, code, message):
 
 
 def test_missing_dataset_with_downloads_off(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    _, err = run_train(capsys, "--run-dir", str(tmp_path / "run"),
+                       *sets(**{"data.data_dir": str(tmp_path / "empty"), "data.download": "false"}))  # fmt: skip
+    assert "tfds dataset 'cifar10' not found" in err and "data.download=true" in err
     _, err = run_train(capsys, "--run-dir", str(tmp_path / "run"),
                        *sets(**{"data.data_dir": str(tmp_path / "none"), "data.download": "false"}))  # fmt: skip
-    assert "CIFAR-10 not found" in err and "data.download=true" in err
+    assert "data.data_dir='" in err and "no such folder" in err
 
 
 def test_run_folder_not_writable(mock_cifar, tmp_path, capsys):

@@ -9,7 +9,9 @@ import onnx
 import pytest
 import tensorflow as tf
 
+from conftest import CIFAR_NAMES, tiny_info
 from tlkeras import export
+from tlkeras.images import decode_in_graph
 
 RNG = np.random.default_rng(0)
 IMAGES = RNG.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
@@ -50,6 +52,8 @@ def test_signature_contract(exported):
     outs = sig.structured_outputs
     assert outs["probabilities"].dtype == tf.float32 and outs["probabilities"].shape.as_list() == [None, 10]
     assert outs["classes"].dtype == tf.int64
+    assert outs["labels"].dtype == tf.string and outs["labels"].shape.as_list() == [None]
+    assert outs["class_names"].dtype == tf.string and outs["class_names"].shape.as_list() == [None, 10]
     (bspec,) = loaded.signatures["predict_bytes"].structured_input_signature[1].values()
     assert bspec.name == "image_bytes" and bspec.dtype == tf.string
 
@@ -117,7 +121,7 @@ def test_bytes_signature_decodes_png_and_jpeg_like_raw_pixels(exported):
 
     big = np.kron(IMAGES[2], np.ones((3, 3, 1), np.uint8))  # a 96x96 JPEG, resized in-graph
     by_jpeg = loaded.signatures["predict_bytes"](image_bytes=tf.constant([encode(big, "jpeg")]))
-    expected = export.decode_image(tf.constant(encode(big, "jpeg")))
+    expected = decode_in_graph(tf.constant(encode(big, "jpeg")), 32)
     ref = loaded.signatures["serving_default"](images=expected[None])
     np.testing.assert_allclose(by_jpeg["probabilities"], ref["probabilities"], atol=1e-6)
 
@@ -127,10 +131,10 @@ def test_bytes_signature_refuses_oversized_and_non_images(exported):
     fn = tf.saved_model.load(str(base / "tlkeras" / "1")).signatures["predict_bytes"]
     png = bytearray(encode(IMAGES[0], "png"))
     png[16:24] = (20000).to_bytes(4, "big") + (20000).to_bytes(4, "big")  # claims 20000x20000
-    with pytest.raises(tf.errors.InvalidArgumentError, match="more than 16777216 pixels"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="over the 4096x4096 limit"):
         fn(image_bytes=tf.constant([bytes(png)]))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG or PNG"):
-        fn(image_bytes=tf.constant([b"GIF89a not really"]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not a JPEG, PNG, BMP or GIF"):
+        fn(image_bytes=tf.constant([b"RIFF\x10\0\0\0WEBPVP8 not really"]))
 
 
 def test_next_export_takes_the_next_version_and_keeps_the_old(exported):
@@ -146,7 +150,7 @@ def test_next_export_takes_the_next_version_and_keeps_the_old(exported):
     assert savedmodel_dir(str(base / "tlkeras")) == base / "tlkeras" / str(latest)
     assert export.next_version(base / "tlkeras") == latest + 1
 
-    record = export.export_model(model, base, "tlkeras", IMAGES)
+    record = export.export_model(model, base, "tlkeras", IMAGES, CIFAR_NAMES)
     assert record["version"] == latest + 1
     assert (base / "tlkeras" / str(latest + 1) / "saved_model.pb").is_file()
     assert not stale.exists()  # cleaned up by the next export
@@ -167,6 +171,50 @@ def test_failed_parity_publishes_nothing(exported):
 
     with mock.patch.object(export, "run_onnx", skewed):
         with pytest.raises(export.ExportError, match="ONNX disagrees .* nothing was published"):
-            export.export_model(model, base, "tlkeras", IMAGES)
+            export.export_model(model, base, "tlkeras", IMAGES, CIFAR_NAMES)
     assert sorted(p.name for p in (base / "tlkeras").iterdir()) == before
     assert sorted(p.name for p in (base / "onnx" / "tlkeras").iterdir()) == onnx_before
+
+
+def test_labels_and_class_names_come_out_of_every_savedmodel_path(exported):
+    model, base, record = exported
+    x = RNG.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    expected = [CIFAR_NAMES[i] for i in model.predict(x, verbose=0).argmax(1)]
+    tf1 = export.run_tf1_session(base / "tlkeras" / "1", x)  # as TF Serving loads it
+    assert [b.decode() for b in tf1["labels"]] == expected
+    assert [b.decode() for b in tf1["class_names"][1]] == list(CIFAR_NAMES)
+    assert record["class_names"] == list(CIFAR_NAMES) and record["image_size"] == 32
+
+
+def test_onnx_carries_class_names_and_size(exported):
+    import json
+
+    _, base, _ = exported
+    folder = base / "onnx" / "tlkeras" / "1"
+    meta = {p.key: p.value for p in onnx.load(str(folder / "model.onnx")).metadata_props}
+    assert json.loads(meta["class_names"]) == list(CIFAR_NAMES) and meta["image_size"] == "32"
+    assert (folder / "labels.txt").read_text().splitlines() == list(CIFAR_NAMES)
+
+
+def test_export_contract_at_another_size_and_class_count(tmp_path):
+    from tlkeras.config import ModelConfig
+    from tlkeras.model import build_model
+
+    names = ("daisy", "dandelion", "rose", "sunflower", "tulip")
+    model = build_model(ModelConfig(weights=None, image_size=32, head_units=8), tiny_info(40, names))
+    x = RNG.integers(0, 256, (6, 40, 40, 3), dtype=np.uint8)
+    record = export.export_model(model, tmp_path, "flowers", x, names)
+    assert record["parity"]["onnx"]["identical_classes"] and record["parity"]["savedmodel"]["identical_classes"]
+    loaded = tf.saved_model.load(record["savedmodel"])
+    (spec,) = loaded.signatures["serving_default"].structured_input_signature[1].values()
+    assert spec.shape.as_list() == [None, 40, 40, 3]
+    out = loaded.signatures["serving_default"](images=tf.constant(x))
+    assert out["probabilities"].shape == (6, 5)
+    ref = model.predict(x, verbose=0)
+    assert [b.decode() for b in out["labels"].numpy()] == [names[i] for i in ref.argmax(1)]
+    onnx_out = export.run_onnx(record["onnx"], x)
+    assert np.abs(onnx_out["probabilities"] - ref).max() <= 1e-4
+    # Any file through predict_bytes: decoded and fitted to 40x40 in the graph.
+    big = np.kron(x[0], np.ones((2, 2, 1), np.uint8))
+    by_bytes = loaded.signatures["predict_bytes"](image_bytes=tf.constant([encode(big, "png")]))
+    assert by_bytes["probabilities"].shape == (1, 5)

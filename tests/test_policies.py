@@ -54,9 +54,32 @@ def test_read_cpu_flags(tmp_path):
     assert read_cpu_flags(str(tmp_path / "missing")) == set()
 
 
+VGG_BLOCKS = ("block1", "block2", "block5")
+MOBILENET_LAYERS = ["input_layer", "Conv1", "bn_Conv1", "block_1_expand", "block_1_project",
+                    "block_13_expand", "block_13_project", "block_16_expand", "Conv_1", "Conv_1_bn", "out_relu"]
+MOBILENET_BLOCKS = ("block_1", "block_13", "block_16", "Conv_1")
+
+
 def test_unfreeze_start():
-    assert unfreeze_start(VGG_LAYERS, "all") == 0
-    assert unfreeze_start(VGG_LAYERS, "block5") == 7
-    assert unfreeze_start(VGG_LAYERS, "block2_conv2") == 5
-    with pytest.raises(ConfigError, match=r"'block9' names no VGG16 layer; .*\(block1, block2, block5\)"):
-        unfreeze_start(VGG_LAYERS, "block9")
+    assert unfreeze_start(VGG_LAYERS, VGG_BLOCKS, "all", "VGG16") == 0
+    assert unfreeze_start(VGG_LAYERS, VGG_BLOCKS, "block5", "VGG16") == 7
+    assert unfreeze_start(VGG_LAYERS, VGG_BLOCKS, "block2_conv2", "VGG16") == 5
+    with pytest.raises(ConfigError, match=r"'block9' names no VGG16 layer; .*\(block1, block2, block5\) "
+                                          r"or a layer name such as 'block5_conv1'"):
+        unfreeze_start(VGG_LAYERS, VGG_BLOCKS, "block9", "VGG16")
+
+
+def test_unfreeze_start_mobilenet_v2_blocks_are_whole_names():
+    assert unfreeze_start(MOBILENET_LAYERS, MOBILENET_BLOCKS, "block_1", "MobileNetV2") == 3
+    assert unfreeze_start(MOBILENET_LAYERS, MOBILENET_BLOCKS, "block_13", "MobileNetV2") == 5
+    assert unfreeze_start(MOBILENET_LAYERS, MOBILENET_BLOCKS, "block_16_expand", "MobileNetV2") == 7
+    assert unfreeze_start(MOBILENET_LAYERS, MOBILENET_BLOCKS, "Conv_1", "MobileNetV2") == 8
+    assert unfreeze_start(MOBILENET_LAYERS, MOBILENET_BLOCKS, "Conv1", "MobileNetV2") == 1
+    # "block_1" is not a prefix of "block_13_...", whichever comes first.
+    reordered = ["block_13_expand", "block_1_expand"]
+    assert unfreeze_start(reordered, ("block_1", "block_13"), "block_1", "MobileNetV2") == 1
+    # Only listed blocks match as prefixes: "block" and "Conv" are no unfreeze points.
+    for bad in ("block", "Conv", "block_2", "block_1_exp"):
+        with pytest.raises(ConfigError, match=rf"'{bad}' names no MobileNetV2 layer; .*"
+                                              r"\(block_1, block_13, block_16, Conv_1\) .*'block_16_expand'"):
+            unfreeze_start(MOBILENET_LAYERS, MOBILENET_BLOCKS, bad, "MobileNetV2")

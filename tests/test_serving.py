@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import CIFAR_NAMES
 from tf_serving_standin import StandIn
 from tlkeras import predict as P
 from tlkeras.errors import UserError
-from tlkeras.serving import predict_grpc, predict_rest, rest_request
+from tlkeras.serving import input_size_grpc, input_size_rest, predict_grpc, predict_rest, rest_request
 
 RNG = np.random.default_rng(2)
 IMAGES = RNG.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
@@ -31,24 +32,34 @@ def servers(tiny_export):
 
 @pytest.mark.parametrize("form", ["instances", "inputs"])
 def test_rest_raw_pixels(servers, form):
-    probs = predict_rest(servers["rest"], images=IMAGES, form=form)
+    out = predict_rest(servers["rest"], images=IMAGES, form=form)
+    probs = out["probabilities"]
     assert probs.shape == (3, 10)
     assert np.abs(probs - servers["reference"]).max() <= 1e-4
+    names = servers["reference"].argmax(1)
+    assert out["labels"].tolist() == [CIFAR_NAMES[i] for i in names]  # names from the model
+    assert tuple(out["class_names"][0]) == CIFAR_NAMES
+
+
+def test_input_size_comes_from_the_model_metadata(servers):
+    assert input_size_rest(servers["rest"]) == 32
+    assert input_size_grpc(servers["grpc"], "tlkeras") == 32
 
 
 def test_rest_b64_bytes_use_the_bytes_signature(servers):
     pngs = [tf.io.encode_png(x).numpy() for x in IMAGES]
     body = rest_request(image_bytes=pngs)
     assert body["signature_name"] == "predict_bytes" and "b64" in body["instances"][0]["image_bytes"]
-    probs = predict_rest(servers["rest"], image_bytes=pngs)
+    probs = predict_rest(servers["rest"], image_bytes=pngs)["probabilities"]
     assert np.abs(probs - servers["reference"]).max() <= 1e-4
 
 
 def test_grpc_raw_and_bytes(servers):
-    probs = predict_grpc(servers["grpc"], "tlkeras", images=IMAGES)
-    assert np.abs(probs - servers["reference"]).max() <= 1e-4
+    out = predict_grpc(servers["grpc"], "tlkeras", images=IMAGES)
+    assert np.abs(out["probabilities"] - servers["reference"]).max() <= 1e-4
+    assert out["labels"].tolist() == [CIFAR_NAMES[i] for i in servers["reference"].argmax(1)]
     pngs = [tf.io.encode_png(x).numpy() for x in IMAGES]
-    probs = predict_grpc(servers["grpc"], "tlkeras", image_bytes=pngs)
+    probs = predict_grpc(servers["grpc"], "tlkeras", image_bytes=pngs)["probabilities"]
     assert np.abs(probs - servers["reference"]).max() <= 1e-4
 
 

@@ -13,7 +13,8 @@ from unittest import mock
 import keras
 import pytest
 
-from conftest import free_port, tiny_overrides
+from conftest import free_port, make_image_folder, tiny_info, tiny_overrides
+from tlkeras import rundir
 from tlkeras.config import dump_yaml, load_config
 from tlkeras.errors import UserError
 from tlkeras.data import make_datasets
@@ -83,7 +84,7 @@ def test_phase1_computes_the_frozen_features_once(mock_cifar, tmp_path, mirrored
     assert read_epochs(tmp_path) == [0, 1, 2]
     # The head trained on features is the whole model's head: the saved whole model
     # scores the validation images as the head scored their features.
-    whole = build_model(cfg.model, load_weights=False)
+    whole = build_model(cfg.model, rundir.load_dataset(tmp_path), load_weights=False)
     whole.load_weights(tmp_path / "checkpoints" / "head_best.weights.h5")
     whole.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     val = make_datasets(cfg.data, cfg.seed).val
@@ -174,7 +175,53 @@ def test_cli_errors_are_one_line_with_exit_code(tmp_path, capsys):
     code = main(["--set", "data.download=false", "--set", f"data.data_dir={tmp_path}",
                  "--run-dir", str(tmp_path / "r2")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1 and "CIFAR-10 not found" in err[0]
+    assert code == 1 and len(err) == 1 and "tfds dataset 'cifar10' not found" in err[0]
+
+
+def test_a_folder_of_photos_trains_exports_and_answers_with_its_names(tmp_path, capsys):
+    from tlkeras import predict
+
+    root = make_image_folder(tmp_path / "photos", {"ants": 14, "bees": 6, "wasps": 10}, size=(50, 36), fmt="JPEG")
+    overrides = {"data.dataset": str(root), "data.image_size": "32", "export.enabled": "true",
+                 "data.class_weight": "true", "data.val_fraction": "0.2", "data.test_fraction": "0.2"}
+    cfg = load_config(None, tiny_overrides(**overrides))
+    fits = []
+    real_fit = keras.Model.fit
+
+    def spy(self, *args, **kwargs):
+        fits.append(kwargs.get("class_weight"))
+        return real_fit(self, *args, **kwargs)
+
+    with mock.patch.object(keras.Model, "fit", spy):
+        summary = train_and_evaluate(cfg, tmp_path / "run")
+    assert summary["class_names"] == ["ants", "bees", "wasps"]
+    assert list(summary["per_class_test_accuracy"]) == ["ants", "bees", "wasps"]
+    assert summary["dataset"]["train_class_counts"] == [8, 4, 6]  # 14-3-3, 6-1-1, 10-2-2
+    assert summary["test_examples"] == 6 and len(summary["confusion_matrix"]) == 3
+    # Balanced weights n / (k * n_c) in both phases: the rare class weighs most.
+    assert len(fits) == 2 and fits[0] == pytest.approx({0: 18 / 24, 1: 18 / 12, 2: 1.0})
+    (record,) = summary["exports"]
+    assert record["class_names"] == ["ants", "bees", "wasps"] and record["image_size"] == 32
+
+    photo = str(root / "bees" / "0.jpg")
+    capsys.readouterr()  # training's progress lines
+    assert predict.main([photo, "--model", str(tmp_path / "run" / "export" / "tlkeras")]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(photo + ": ") and {n.split()[0] for n in line.split(": ")[1].split(", ")} == {"ants", "bees", "wasps"}
+
+
+@pytest.mark.real
+def test_real_hymenoptera_folder_phase1_learns_ants_from_bees(hymenoptera, tmp_path):
+    """VGG16 features at 96x96, head only: 0.876 on val/ here, 0.575 with random weights."""
+    cfg = load_config(None, [
+        f"model.weights={hymenoptera.weights}", f"data.dataset={hymenoptera.folder}",
+        "data.image_size=96", "model.image_size=96", "data.batch_size=32", "head.epochs=5",
+        "finetune.epochs=0", "export.enabled=false",
+    ])  # fmt: skip
+    summary = train_and_evaluate(cfg, tmp_path)
+    assert summary["class_names"] == ["ants", "bees"]
+    assert summary["test_examples"] == 153  # all of val/, never the split that chose the epoch
+    assert summary["test_accuracy"] >= 0.75, summary["test_accuracy"]
 
 
 @pytest.mark.real
@@ -193,10 +240,10 @@ def test_real_weights_and_data_phase1_beats_chance_by_far(assets, tmp_path):
     # The exported ONNX model gives the Keras model's classes on the real test images.
     import numpy as np
 
-    from tlkeras.data import load_split
+    from tlkeras.data import first_test_images
     from tlkeras.export import run_onnx
 
-    images = np.stack([x.numpy() for x, _ in load_split(cfg.data, cfg.data.test_split, "test_split")])
+    images = first_test_images(cfg.data, cfg.seed, cfg.model.image_size, 2000)
     reference = keras.models.load_model(tmp_path / "model.keras").predict(images, verbose=0)
     onnx = run_onnx(Path(summary["exports"][0]["onnx"]), images)
     np.testing.assert_array_equal(onnx["classes"], reference.argmax(1))
@@ -250,12 +297,12 @@ def test_mirrored_step_equals_default_step_at_the_same_global_batch():
     y = rng.integers(0, 10, (8,))
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
     keras.utils.set_random_seed(0)
-    initial = build_model(cfg).get_weights()
+    initial = build_model(cfg, tiny_info()).get_weights()
     results = []
     for strategy in (tf.distribute.get_strategy(),
                      tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])):  # fmt: skip
         with strategy.scope():
-            model = build_model(cfg)
+            model = build_model(cfg, tiny_info())
             model.set_weights(initial)
             model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
         history = model.fit(ds, epochs=1, verbose=0, shuffle=False)

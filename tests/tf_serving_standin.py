@@ -5,7 +5,8 @@ container engine runs), so the clients are tested against this small server on 1
 It speaks the two TF Serving protocols the clients use, answering from the exported
 SavedModel's signatures:
   REST  POST /v1/models/<name>[/versions/<n>]:predict  ("instances" or "inputs", {"b64": ...})
-  gRPC  tensorflow.serving.PredictionService/Predict
+        GET  /v1/models/<name>[/versions/<n>]/metadata  (signature_def)
+  gRPC  tensorflow.serving.PredictionService/Predict and /GetModelMetadata
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from google.protobuf import json_format
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
 PATH = re.compile(r"^/v1/models/(?P<name>[^/:]+)(/versions/\d+)?:predict$")
+METADATA = re.compile(r"^/v1/models/(?P<name>[^/:]+)(/versions/\d+)?/metadata$")
 
 
 def _decode(value):
@@ -41,6 +45,13 @@ class StandIn:
     def __init__(self, savedmodel_dir: str, name: str = "tlkeras"):
         self.name = name
         self.signatures = tf.saved_model.load(savedmodel_dir).signatures
+        saved = saved_model_pb2.SavedModel()
+        with open(f"{savedmodel_dir}/saved_model.pb", "rb") as f:
+            saved.ParseFromString(f.read())
+        self.signature_defs = get_model_metadata_pb2.SignatureDefMap()
+        for key, sig in saved.meta_graphs[0].signature_def.items():
+            if not key.startswith("__"):
+                self.signature_defs.signature_def[key].CopyFrom(sig)
         self._lock = threading.Lock()
 
     def run(self, signature: str, inputs: dict) -> dict[str, np.ndarray]:
@@ -48,7 +59,8 @@ class StandIn:
         specs = fn.structured_input_signature[1]
         with self._lock:
             out = fn(**{k: _tensor(v, specs[k]) for k, v in inputs.items()})
-        return {k: v.numpy() for k, v in out.items()}
+        # REST answers strings as JSON strings, as TF Serving does.
+        return {k: v.numpy().astype(str) if v.dtype == tf.string else v.numpy() for k, v in out.items()}
 
     # --- REST -------------------------------------------------------------------------
     def rest_predict(self, name: str, body: dict) -> tuple[int, dict]:
@@ -70,10 +82,21 @@ class StandIn:
             return 200, {"outputs": {k: v.tolist() for k, v in out.items()}}
         return 400, {"error": "Missing 'inputs' or 'instances' key"}
 
+    def rest_metadata(self, name: str) -> tuple[int, dict]:
+        if name != self.name:
+            return 404, {"error": f"Servable not found for request: Latest({name})"}
+        sigs = json_format.MessageToDict(self.signature_defs, preserving_proto_field_name=True)
+        return 200, {"model_spec": {"name": name}, "metadata": {"signature_def": sigs}}
+
     def start_rest(self) -> ThreadingHTTPServer:
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                match = METADATA.match(self.path)
+                code, answer = standin.rest_metadata(match["name"]) if match else (404, {"error": "Malformed request"})
+                self._answer(code, answer)
+
             def do_POST(self):
                 match = PATH.match(self.path)
                 try:
@@ -82,6 +105,9 @@ class StandIn:
                                     else (404, {"error": "Malformed request"}))  # fmt: skip
                 except (ValueError, KeyError, tf.errors.OpError) as e:
                     code, answer = 400, {"error": str(e)[:300]}
+                self._answer(code, answer)
+
+            def _answer(self, code, answer):
                 data = json.dumps(answer).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
@@ -113,7 +139,17 @@ class StandIn:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)[:300])
                 response = predict_pb2.PredictResponse()
                 for k, v in out.items():
+                    v = v.astype(bytes) if v.dtype.kind == "U" else v
                     response.outputs[k].CopyFrom(tf.make_tensor_proto(v))
+                return response
+
+            def GetModelMetadata(self, request, context):
+                if request.model_spec.name != standin.name:
+                    context.abort(grpc.StatusCode.NOT_FOUND,
+                                  f"Servable not found for request: Latest({request.model_spec.name})")  # fmt: skip
+                response = get_model_metadata_pb2.GetModelMetadataResponse()
+                response.model_spec.name = standin.name
+                response.metadata["signature_def"].Pack(standin.signature_defs)
                 return response
 
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from tlkeras.console import quiet_libraries
 from tlkeras.errors import UserError, run_cli
 from tlkeras.export import onnx_session
 
@@ -154,13 +155,21 @@ def bench_data(run_dir: Path | None, quick: bool):
         cfg = dataclasses.replace(load_config(run_dir / "config.yaml").data, download=False)
         n = 1000 if quick else 10000
         try:
-            cal = np.stack([x.numpy() for x, _ in load_split(cfg, "train[:256]", "train_split")])
-            pairs = [(x.numpy(), y.numpy()) for x, y in load_split(cfg, f"test[:{n}]", "test_split")]
+            cal = np.stack([e["image"].numpy() for e in load_split(cfg, "train[:256]", "train_split")])
+            pairs = [(e["image"].numpy(), e["label"].numpy()) for e in load_split(cfg, f"test[:{n}]", "test_split")]
             return cal, np.stack([p[0] for p in pairs]), np.array([p[1] for p in pairs])
         except UserError:
             pass
     random = rng.integers(0, 256, (320, 32, 32, 3), dtype=np.uint8)
     return random[:256], random[256:], None
+
+
+def cifar10_info():
+    """The benchmark's data: CIFAR-10's shape (names do not matter to a timing)."""
+    from tlkeras.data import DatasetInfo
+
+    return DatasetInfo(name="cifar10", source="tfds", image_size=32,
+                       class_names=tuple(f"class_{i}" for i in range(10)))  # fmt: skip
 
 
 def conv_macs(model) -> tuple[int, int, int]:
@@ -206,7 +215,7 @@ def _model(precision: str, image_size: int, weights: str | None = None):
 
     keras.mixed_precision.set_global_policy(precision)
     try:
-        return build_model(ModelConfig(weights=weights, image_size=image_size))
+        return build_model(ModelConfig(weights=weights, image_size=image_size), cifar10_info())
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
@@ -277,8 +286,8 @@ def bench_phase1(cfg, quick: bool) -> list[dict[str, Any]]:
     runtime = dataclasses.replace(cfg.runtime, jit_compile=False, steps_per_execution=1)
     cfg = dataclasses.replace(cfg, data=data, head=head, runtime=runtime,
                               model=dataclasses.replace(cfg.model, image_size=image_size))  # fmt: skip
-    splits = make_datasets(data, cfg.seed)
-    shuffled = make_datasets(dataclasses.replace(data, augment=False), cfg.seed).train
+    splits = make_datasets(data, cfg.seed, image_size)
+    shuffled = make_datasets(dataclasses.replace(data, augment=False), cfg.seed, image_size).train
 
     def run(precision: str, cached: bool) -> tuple[float, float]:
         """Seconds and final val accuracy; the keras.io recipe when not `cached`."""
@@ -338,7 +347,7 @@ def bench_pipeline(cfg, quick: bool):
     model_rate = batch * steps / (time.perf_counter() - start)
 
     data = dataclasses.replace(cfg.data, download=False, train_split="train[:5000]" if quick else cfg.data.train_split)
-    splits = make_datasets(data, cfg.seed)
+    splits = make_datasets(data, cfg.seed, cfg.model.image_size)
     for _ in splits.train:  # first pass fills the cache, as the first epoch does
         pass
     start = time.perf_counter()
@@ -362,9 +371,10 @@ def exported_model(run_dir: Path | None, workdir: Path) -> tuple[Path, Path]:
     from tlkeras.export import export_model
     from tlkeras.model import build_model
 
-    model = build_model(ModelConfig(weights=None, image_size=32))
+    info = cifar10_info()
+    model = build_model(ModelConfig(weights=None, image_size=32), info)
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    record = export_model(model, workdir, "tlkeras", images)
+    record = export_model(model, workdir, "tlkeras", images, info.class_names)
     return Path(record["savedmodel"]), Path(record["onnx"])
 
 
@@ -388,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, help="time this run's exported model")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
+    quiet_libraries(args.debug)  # before TensorFlow is imported
 
     def run() -> None:
         cfg = run_config(args.run_dir)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -22,26 +23,48 @@ from typing import Any
 import yaml
 
 from tlkeras.errors import ConfigError
-from tlkeras.policies import VGG16_LAYERS, unfreeze_start
+from tlkeras.policies import BASE_LABELS, BASE_LAYERS, unfreeze_start
 
 
 @dataclass
 class DataConfig:
-    data_dir: str | None = None  # None: tfds default (~/tensorflow_datasets or $TFDS_DATA_DIR)
-    download: bool = True  # offline with no local copy, tfds retries for minutes: set false
-    train_split: str = "train[:90%]"  # validation is carved from train ...
-    val_split: str = "train[90%:]"
-    test_split: str = "test"  # ... so the test split only ever gives the final numbers
+    # A tfds name, or a folder of class subfolders: <root>/<class>/<image>, or with split
+    # folders <root>/{train,val|validation,test}/<class>/<image>. A path (with '/', or
+    # starting with '.' or '~', or an existing folder) is a folder; relative to the
+    # current directory.
+    dataset: str = "cifar10"
+    data_dir: str | None = None  # tfds only. None: tfds default (~/tensorflow_datasets or $TFDS_DATA_DIR)
+    download: bool = True  # tfds only; offline with no local copy, tfds retries for minutes: set false
+    # Split strings in tfds syntax ('train[:90%]', 'test', 'train[:100]+val'); for folders
+    # the names are the split folders (a flat folder is one split, 'train'). null: automatic:
+    # a published test split (test/, else val|validation/), a published validation split
+    # if still free, else stratified carves of train by the fractions below; the split
+    # that picks the best epoch never gives the reported number.
+    train_split: str | None = None
+    val_split: str | None = None
+    test_split: str | None = None
+    val_fraction: float = 0.1  # of train, when val is carved (tfds: whole percents)
+    test_fraction: float = 0.1  # of train, when there is no test (or val) split to use
+    # Storage size S: every image is centre-cropped to a square and resized to S x S
+    # (aspect ratio kept, edges of non-square images cropped). null: the dataset's own
+    # square size (32 for CIFAR-10), else model.image_size.
+    image_size: int | None = None
     batch_size: int = 256  # global: split evenly across replicas
     shuffle_buffer: int = 10_000
-    augment: bool = True  # random flip + random translation, train split only
-    cache: bool = True  # CIFAR-10 as uint8 is 180 MB: keep it in memory after the first pass
+    augment: bool = True  # random flip + random translation (S/8), train split only
+    cache: bool = True  # keep the decoded uint8 images in memory after the first pass (CIFAR-10: 180 MB)
+    class_weight: bool = False  # weight each class by n / (classes * count): for imbalanced data
 
 
 @dataclass
 class ModelConfig:
-    weights: str | None = "imagenet"  # "imagenet", null (random init) or a path to a .h5 file
-    image_size: int = 224  # the 32x32 images are resized to this inside the model
+    # The ImageNet base: vgg16, or mobilenet_v2 (about 6x the feature-extraction images/s
+    # on a 2-core CPU; its BatchNorm layers stay frozen, in inference mode, in both phases).
+    backbone: str = "vgg16"
+    # "imagenet", null (random init) or a path to the backbone's notop weights file
+    # (.h5 or Keras 3 .weights.h5; tlkeras.model.BACKBONES names the Keras file of each)
+    weights: str | None = "imagenet"
+    image_size: int = 224  # the data's S x S images are resized to this inside the model
     head_units: int = 256
     dropout: float = 0.5
 
@@ -97,11 +120,12 @@ class Config:
 
 
 CHOICES = {
+    "model.backbone": tuple(BASE_LAYERS),  # vgg16, mobilenet_v2: the keys of tlkeras.model.BACKBONES
     "runtime.strategy": ("auto", "default", "mirrored", "multi_worker"),
     "runtime.mixed_precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
 }
 POSITIVE = (
-    "data.batch_size", "data.shuffle_buffer", "model.image_size", "model.head_units",
+    "data.batch_size", "data.image_size", "data.shuffle_buffer", "model.image_size", "model.head_units",
     "head.epochs", "head.learning_rate", "finetune.learning_rate",
     "runtime.steps_per_execution",
 )  # fmt: skip
@@ -144,14 +168,23 @@ def validate(cfg: Config) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}={value} must be a finite number")
     for key in POSITIVE:
-        if flat[key] <= 0:
+        if flat[key] is not None and flat[key] <= 0:
             raise ConfigError(f"{key}={flat[key]} must be greater than 0")
     for key in NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"{key}={flat[key]} must be 0 or more")
+    if not (0 <= cfg.data.val_fraction < 1 and 0 <= cfg.data.test_fraction < 1
+            and cfg.data.val_fraction + cfg.data.test_fraction < 1):
+        raise ConfigError(
+            f"data.val_fraction={cfg.data.val_fraction} and data.test_fraction="
+            f"{cfg.data.test_fraction} must each be in [0, 1) and leave some training data"
+        )
+    if not cfg.data.dataset:
+        raise ConfigError("data.dataset is empty; give a tfds name (cifar10) or a folder path")
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
-    unfreeze_start(VGG16_LAYERS, cfg.finetune.unfreeze)  # fails now, not after phase 1
+    layers, blocks = BASE_LAYERS[cfg.model.backbone]
+    unfreeze_start(layers, blocks, cfg.finetune.unfreeze, BASE_LABELS[cfg.model.backbone])  # now, not after phase 1
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.export.name) or cfg.export.name in ("onnx", ".", ".."):
         raise ConfigError(
             f"export.name={cfg.export.name!r} must be a plain folder name (letters, digits, "
@@ -159,6 +192,63 @@ def validate(cfg: Config) -> None:
         )
     if cfg.model.image_size < 32:
         raise ConfigError(f"model.image_size={cfg.model.image_size} must be at least 32")
+
+
+def is_folder(dataset: str) -> bool:
+    """data.dataset names a folder (has a separator, starts with . or ~, or is an existing
+    folder) rather than a tfds dataset."""
+    return "/" in dataset or os.sep in dataset or dataset.startswith((".", "~")) or Path(dataset).is_dir()
+
+
+def preflight(cfg: Config, run_dir: Path) -> None:
+    """The checks that need no data and no TensorFlow, run before either is loaded, so a
+    bad setting fails in seconds: files and folders exist, split strings parse and select
+    something, the run folder can be written. Raises UserError or ConfigError."""
+    from tlkeras.errors import UserError
+
+    weights = cfg.model.weights
+    if weights not in (None, "imagenet"):
+        path = Path(weights).expanduser()
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise UserError(
+                f"model.weights={weights!r}: no such readable file; give the path to the "
+                f"base's notop weights file, 'imagenet' to download, or null for random weights"
+            )
+    if is_folder(cfg.data.dataset) and not Path(cfg.data.dataset).expanduser().is_dir():
+        raise UserError(f"data.dataset='{cfg.data.dataset}': no such folder; give a folder of "
+                        f"class subfolders (<root>/<class>/<image>) or a tfds dataset name")  # fmt: skip
+    if cfg.data.data_dir and not cfg.data.download and not Path(cfg.data.data_dir).expanduser().is_dir():
+        raise UserError(
+            f"data.data_dir='{cfg.data.data_dir}': no such folder (and data.download=false); give "
+            f"a folder holding {cfg.data.dataset}/<version>, or set data.download=true"
+        )
+    for key in ("train_split", "val_split", "test_split"):
+        spec = getattr(cfg.data, key)
+        if spec is not None:
+            _check_split(f"data.{key}", spec)
+    existing = next(p for p in (run_dir.resolve(), *run_dir.resolve().parents) if p.exists())
+    if not os.access(existing, os.W_OK) or (existing == run_dir.resolve() and not existing.is_dir()):
+        raise UserError(f"run folder '{run_dir}' is not writable ('{existing}' is not a writable "
+                        f"folder); pass a writable --run-dir")  # fmt: skip
+
+
+def _check_split(key: str, spec: str) -> None:
+    """Well-formed tfds split syntax that selects at least one example of any split size."""
+    from types import SimpleNamespace
+
+    import tensorflow_datasets as tfds
+
+    try:
+        instruction = tfds.core.ReadInstruction.from_spec(spec)
+        names = {part.split("[")[0] for part in spec.replace(" ", "").split("+")}
+        parts = instruction.to_absolute({n: SimpleNamespace(num_examples=10**6) for n in names})
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(
+            f"{key}={spec!r} is not a valid tfds split ({str(e).splitlines()[0]}); "
+            f"examples: 'train', 'train[:90%]', 'train[:5000]', 'test[:2000]'"
+        ) from None
+    if all(p.to is not None and (p.from_ or 0) >= p.to for p in parts):
+        raise ConfigError(f"{key}={spec!r} selects no examples; widen the slice, e.g. 'train[90%:]'")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -1,27 +1,78 @@
-"""The input pipeline: tfds CIFAR-10 as raw uint8 images, augmented in tf.data.
+"""The input pipeline: any tfds image dataset or a folder of class subfolders, as raw uint8.
 
-    splits = make_datasets(cfg.data, seed=0)
-    splits.train  # ((batch, 32, 32, 3) uint8, (batch,) int64), augmented and shuffled
+    splits = make_datasets(cfg.data, seed=0, model_size=cfg.model.image_size)
+    splits.info   # DatasetInfo: class names, storage size S, counts
+    splits.train  # ((batch, S, S, 3) uint8, (batch,) int64), augmented and shuffled
 
-Resizing and VGG16 preprocessing live in the model, so that exports take raw pixels.
+`data.dataset` names a tfds dataset (`cifar10`, `tf_flowers`, ...) or a folder laid out as
+`<root>/<class>/<image>` or `<root>/{train,val|validation,test}/<class>/<image>`. Every
+split yields uint8 images at one storage size S (`images.fit_square`: centre crop, then
+resize); resizing to the model's resolution and the base's input transform live in the
+model, so exports take raw pixels.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tlkeras.config import DataConfig
+from tlkeras.config import DataConfig, is_folder
 from tlkeras.errors import ConfigError, UserError
+from tlkeras.images import ImageError, decode_file, fit_square
+from tlkeras.policies import carve_counts, storage_size
 
-DATASET = "cifar10"
-IMAGE_SHAPE = (32, 32, 3)
-PAD = 4  # random translation of up to 4 pixels, the usual CIFAR augmentation
-LOCAL_COPY = f"a folder holding {DATASET}/3.0.2 (e.g. ../shared/assets/tensorflow_datasets)"
+log = logging.getLogger("tlkeras")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # what the folder scan reads
+SYSTEM_FILES = ("thumbs.db", "desktop.ini")  # besides hidden files, never images
+SPLIT_FOLDERS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
+SCAN_VERSION = 1  # bump when decoding changes, so cached scans are redone
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """The one description of the data that the model, export, predict and reports read.
+
+    Written to `<run>/dataset.json` before training; exports carry `class_names` and
+    `image_size`. `image_size` is the storage size S: every split yields uint8
+    [S, S, 3] images (the model resizes S to `model.image_size`).
+    """
+
+    name: str  # tfds name, or the folder as given in data.dataset
+    source: str  # "tfds" | "folder"
+    class_names: tuple[str, ...]
+    image_size: int
+    num_train: int = 0
+    num_val: int = 0
+    num_test: int = 0
+    train_class_counts: tuple[int, ...] = ()  # in class_names order
+    splits: dict = dataclasses.field(default_factory=dict)  # role -> what it was read from
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "class_names": list(self.class_names),
+                "train_class_counts": list(self.train_class_counts)}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DatasetInfo:
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        return cls(**{**d, "class_names": tuple(d["class_names"]),
+                      "train_class_counts": tuple(d.get("train_class_counts", ()))})  # fmt: skip
 
 
 @dataclass
@@ -30,34 +81,51 @@ class Splits:
     train_plain: tf.data.Dataset  # in order, not augmented: for computing features once
     val: tf.data.Dataset
     test: tf.data.Dataset
-    num_train: int
-    num_val: int
-    num_test: int
+    info: DatasetInfo
+
+    @property
+    def num_train(self) -> int:
+        return self.info.num_train
+
+    @property
+    def num_val(self) -> int:
+        return self.info.num_val
+
+    @property
+    def num_test(self) -> int:
+        return self.info.num_test
+
+
+# ---------------------------------------------------------------------------- tfds
+
+
+def _local_copy(name: str) -> str:
+    example = " (e.g. ../shared/assets/tensorflow_datasets)" if name == "cifar10" else ""
+    return f"a folder holding {name}/<version>{example}"
 
 
 def load_split(cfg: DataConfig, split: str, key: str) -> tf.data.Dataset:
-    """One tfds split as (uint8 image, label) pairs, with readable errors."""
+    """One tfds split as a dataset of feature dicts, with readable errors."""
+    name = cfg.dataset
     try:
         tfds.core.ReadInstruction.from_spec(split)  # syntax only; names are checked on load
-        return tfds.load(
-            DATASET, split=split, data_dir=cfg.data_dir, download=cfg.download,
-            as_supervised=True, shuffle_files=False,
-        )  # fmt: skip
+        return tfds.load(name, split=split, data_dir=cfg.data_dir, download=cfg.download,
+                         shuffle_files=False)  # fmt: skip
     except AssertionError as e:  # tfds's way of saying the data is not there
         if "could not find data" not in str(e):
             raise
         where = cfg.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
         raise UserError(
-            f"CIFAR-10 not found in data.data_dir={where!r} and data.download=false; "
-            f"set data.download=true (needs network) or data.data_dir to {LOCAL_COPY}"
+            f"tfds dataset '{name}' not found in data.data_dir={where!r} and data.download=false; "
+            f"set data.download=true (needs network) or data.data_dir to {_local_copy(name)}"
         ) from None
     except OSError as e:  # requests' ConnectionError and the like, from the download
         if not cfg.download:
             raise
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise UserError(
-            f"downloading CIFAR-10 failed ({reason}); offline, set data.data_dir to "
-            f"{LOCAL_COPY} and data.download=false"
+            f"downloading tfds dataset '{name}' failed ({reason}); offline, set data.data_dir "
+            f"to {_local_copy(name)} and data.download=false"
         ) from None
     except ValueError as e:
         if "split" not in str(e).lower():
@@ -68,32 +136,414 @@ def load_split(cfg: DataConfig, split: str, key: str) -> tf.data.Dataset:
         ) from None
 
 
+def _tfds_builder(cfg: DataConfig):
+    try:
+        return tfds.builder(cfg.dataset, data_dir=cfg.data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise UserError(
+            f"data.dataset={cfg.dataset!r} is neither a folder nor a tfds dataset name; give a "
+            f"folder of class subfolders (a path, e.g. ./photos) or a name such as cifar10, tf_flowers"
+        ) from None
+
+
+def _feature_keys(cfg: DataConfig, features) -> tuple[str, str]:
+    """The image feature and the ClassLabel label of a tfds dataset (prefers 'image', 'label')."""
+    def find(kind, preferred):
+        keys = [k for k, f in features.items() if isinstance(f, kind)]
+        return preferred if preferred in keys else (keys[0] if keys else None)
+
+    image, label = find(tfds.features.Image, "image"), find(tfds.features.ClassLabel, "label")
+    if image is None or label is None:
+        missing = "image feature" if image is None else "ClassLabel label"
+        raise UserError(
+            f"tfds dataset {cfg.dataset!r} has no {missing} (its features: {', '.join(features)}); "
+            f"tlkeras trains image classifiers: pick a dataset with both, e.g. tf_flowers"
+        )
+    return image, label
+
+
+def _tfds_split_names(cfg: DataConfig, builder) -> list[str]:
+    names = list(builder.info.splits)
+    if not names and cfg.download:  # not downloaded yet: tfds.load downloads and prepares it
+        load_split(cfg, "train", "train_split")
+        names = list(_tfds_builder(cfg).info.splits)
+    return names or ["train", "test"]  # split info unavailable (e.g. mocked data)
+
+
+def _tfds_source(cfg: DataConfig, model_size: int):
+    builder = _tfds_builder(cfg)
+    image_key, label_key = _feature_keys(cfg, builder.info.features)
+    class_names = tuple(builder.info.features[label_key].names)
+    height, width, _ = builder.info.features[image_key].shape
+    native = height if height is not None and height == width else None
+    size = storage_size(cfg.image_size, native, model_size)
+
+    explicit = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}
+    specs = dict(explicit)
+    if None in explicit.values():
+        specs = auto_tfds_splits(_tfds_split_names(cfg, builder), explicit,
+                                 cfg.val_fraction, cfg.test_fraction)  # fmt: skip
+
+    def to_pairs(example):
+        image = example[image_key]
+        if image.shape[-1] == 1:  # grayscale datasets (e.g. mnist): the bases want RGB
+            image = tf.image.grayscale_to_rgb(image)
+        return fit_square(image, size), example[label_key]
+
+    if builder.info.splits:  # sizes known: say whether the roles share examples
+        ranges = {}
+        for role, spec in specs.items():
+            try:
+                parts = tfds.core.ReadInstruction.from_spec(spec).to_absolute(builder.info.splits)
+            except (ValueError, AssertionError, KeyError):
+                continue  # reported by the load below, with the key
+            ranges[role] = [(p.splitname, *slice(p.from_, p.to).indices(
+                builder.info.splits[p.splitname].num_examples)[:2]) for p in parts]  # fmt: skip
+
+        def shared(a, b):
+            return sum(max(0, min(e1, e2) - max(s1, s2))
+                       for n1, s1, e1 in ranges[a] for n2, s2, e2 in ranges[b] if n1 == n2)  # fmt: skip
+
+        warn_overlap(list(ranges), shared, specs)
+
+    datasets = {}
+    for role, spec in specs.items():
+        ds = load_split(cfg, spec, f"{role}_split").map(to_pairs, num_parallel_calls=tf.data.AUTOTUNE)
+        datasets[role] = ds
+    return datasets, class_names, size, specs
+
+
+def auto_tfds_splits(available: list[str], explicit: dict, val_fraction: float,
+                     test_fraction: float) -> dict[str, str]:  # fmt: skip
+    """Split strings for the roles left null: published splits first, else carved from train.
+
+    test: 'test', else 'validation' (then validation is carved from train); val:
+    'validation' if still free, else the last `val_fraction` of train, in whole percents
+    (tfds slicing); train: the rest of 'train'.
+    """
+    specs = dict(explicit)
+    free = [s for s in ("test", "validation") if s in available]
+    carve_test = carve_val = 0
+    if specs["test"] is None:
+        if free:
+            specs["test"] = free.pop(0)
+        else:
+            carve_test = round(100 * test_fraction)
+    if specs["val"] is None:
+        if "validation" in free:
+            specs["val"] = "validation"
+        else:
+            carve_val = round(100 * val_fraction)
+    end = 100 - carve_test
+    if carve_test:
+        specs["test"] = f"train[{end}%:]"
+    if carve_val:
+        specs["val"] = f"train[{end - carve_val}%:{end}%]"
+        end -= carve_val
+    if specs["train"] is None:
+        specs["train"] = f"train[:{end}%]" if end < 100 else "train"
+    return specs
+
+
+# ---------------------------------------------------------------------------- folders
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".") and name.lower() not in SYSTEM_FILES
+
+
+def _class_files(class_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) under one class folder, recursively, sorted."""
+    images, other = [], []
+    for p in sorted(class_dir.rglob("*")):
+        if not p.is_file() or not all(_visible(q) for q in p.relative_to(class_dir).parts):
+            continue
+        (images if p.suffix.lower() in IMAGE_EXTENSIONS else other).append(p)
+    return images, other
+
+
+def list_folder(root: Path, key: str = "data.dataset") -> tuple[dict[str, dict[str, list[Path]]], list[Path], bool]:
+    """({split folder name: {class: files}}, non-image files, flat): a flat folder is one
+    split named 'train', like tfds's tf_flowers."""
+    if not root.is_dir():
+        raise UserError(f"{key}='{root}': no such folder; give a folder of class subfolders "
+                        f"(<root>/<class>/<image>) or a tfds dataset name")  # fmt: skip
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p.name))
+    split_dirs = [p for p in subdirs if p.name.lower() in SPLIT_FOLDERS]
+    if any(p.name.lower() == "train" for p in split_dirs):
+        others = [p.name for p in subdirs if p not in split_dirs]
+        if others:
+            raise UserError(
+                f"{key}='{root}' mixes split folders (train/) with other folders "
+                f"({', '.join(others[:3])}); use <root>/<split>/<class>/ or <root>/<class>/, not both"
+            )
+        layout = {p.name: p for p in split_dirs}
+    else:
+        layout = {"train": root}
+    tree, ignored = {}, []
+    for split, folder in layout.items():
+        classes = {}
+        for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name)):
+            images, other = _class_files(class_dir)
+            ignored += other
+            classes[class_dir.name] = images
+        if not any(classes.values()):
+            where = f"'{folder}'"
+            raise UserError(
+                f"{key}: {where} holds no class subfolders with images; expected "
+                f"{folder}/<class>/<image> ({', '.join(IMAGE_EXTENSIONS)})"
+            )
+        tree[split] = classes
+    names = {split: sorted(classes) for split, classes in tree.items()}
+    reference = names["train"]
+    for split, found in names.items():
+        if found != reference:
+            extra = sorted(set(found) ^ set(reference))
+            raise UserError(
+                f"{key}='{root}': the class folders of {split}/ differ from train/ "
+                f"({', '.join(extra[:5])}); every split folder needs the same class subfolders"
+            )
+    return tree, ignored, layout == {"train": root}
+
+
+def _scan_cache_dir() -> Path:
+    base = os.environ.get("TLKERAS_CACHE_DIR") or Path(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tlkeras"  # fmt: skip
+    return Path(base) / "scans"
+
+
+def _check(path: Path) -> str | None:
+    try:
+        decode_file(path)
+        return None
+    except ImageError as e:
+        return str(e)
+
+
+def scan_images(files: list[Path]) -> dict[str, str]:
+    """{path: reason} for every file that cannot be decoded (each one is decoded once).
+
+    Cached by the files' paths, sizes and modification times, so a rerun over the same
+    folder does not decode everything again.
+    """
+    listing = [f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in files]
+    digest = hashlib.sha256("\n".join([str(SCAN_VERSION), *listing]).encode()).hexdigest()[:24]
+    cache = _scan_cache_dir() / f"{digest}.json"
+    try:
+        return json.loads(cache.read_text())["bad"]
+    except (OSError, ValueError, KeyError):
+        pass
+    log.info("data: checking that %d image files decode (once; the result is cached)", len(files))
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        reasons = list(pool.map(_check, files))
+    bad = {str(p): r for p, r in zip(files, reasons) if r is not None}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"files": len(files), "bad": bad}))
+        os.replace(tmp, cache)
+    except OSError as e:  # a read-only home only costs a rescan next time
+        log.warning("data: could not cache the scan in %s (%s)", cache.parent, e.strerror)
+    return bad
+
+
+def carve(files_by_class: dict[str, list[Path]], fractions: tuple[float, float],
+          seed: int) -> tuple[list, list, list]:  # fmt: skip
+    """Stratified, seeded split of {class: files} into (train, val, test) lists of (path, class index).
+
+    Each class gives round(n * fraction) files to val and to test (at least one stays in
+    train); the draw is a seeded permutation, so the same seed gives the same split.
+    """
+    rng = np.random.default_rng(seed)
+    parts = ([], [], [])
+    for index, (name, files) in enumerate(sorted(files_by_class.items())):
+        order = rng.permutation(len(files))
+        n_val, n_test = carve_counts(len(files), *fractions)
+        picks = (order[n_val + n_test:], order[:n_val], order[n_val:n_val + n_test])
+        for part, idx in zip(parts, picks):
+            part += [(files[i], index) for i in sorted(idx)]
+    return parts
+
+
+def _folder_slice(spec: str, key: str, pools: dict[str, list], seed: int) -> list:
+    """A tfds-style split string ('train[:80%]', 'val', 'train[:100]+val') over split folders.
+
+    Each split folder's files are put in a seeded random order first, so a slice is a
+    random sample of every class rather than the first classes alphabetically.
+    """
+    try:
+        ri = tfds.core.ReadInstruction.from_spec(spec)
+        parts = ri.to_absolute({k: SimpleNamespace(num_examples=len(v)) for k, v in pools.items()})
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(
+            f"data.{key}={spec!r} does not select from this folder's splits "
+            f"({', '.join(pools)}): {str(e).splitlines()[0]}"
+        ) from None
+    out = []
+    for p in parts:
+        pool = pools[p.splitname]
+        order = np.random.default_rng(seed).permutation(len(pool))
+        out += [pool[i] for i in sorted(order[p.from_:p.to])]
+    return out
+
+
+def _folder_source(cfg: DataConfig, model_size: int, seed: int):
+    root = Path(cfg.dataset).expanduser()
+    tree, ignored, flat = list_folder(root)
+    everything = [p for classes in tree.values() for files in classes.values() for p in files]
+    bad = scan_images(everything)
+    if bad or ignored:
+        first = ", ".join(list(bad)[:3])
+        log.warning(
+            "data: %d of %d image files cannot be decoded and are left out%s%s",
+            len(bad), len(everything), f" (e.g. {first})" if bad else "",
+            f"; {len(ignored)} non-image files ignored (e.g. {ignored[0]})" if ignored else "",
+        )  # fmt: skip
+    class_names = tuple(sorted(next(iter(tree.values()))))
+    if len(class_names) < 2:
+        raise UserError(
+            f"data.dataset='{root}' has one class ({class_names[0]}); a classifier needs at "
+            f"least 2 class subfolders"
+        )
+    good = {split: {c: [p for p in files if str(p) not in bad] for c, files in classes.items()}
+            for split, classes in tree.items()}  # fmt: skip
+    for split, classes in good.items():
+        for c, files in classes.items():
+            if not files and tree[split][c]:
+                raise UserError(
+                    f"class '{c}' in '{root}' has no readable images ({len(tree[split][c])} "
+                    f"files, none decodes; e.g. {bad[str(tree[split][c][0])]})"
+                )
+    # Split-folder names as tfds split names: 'val' and 'validation' both answer to either.
+    pools = {}
+    for split, classes in good.items():
+        pool = [(p, class_names.index(c)) for c, files in sorted(classes.items()) for p in files]
+        pools[split] = pool
+        if SPLIT_FOLDERS.get(split.lower()) == "validation":
+            pools.update(val=pool, validation=pool)
+    folders = {SPLIT_FOLDERS.get(s.lower(), s) for s in good}
+    explicit = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}
+    lists, source = {}, {}
+    source_train = "the folder" if flat else "train/"
+    carve_val = explicit["val"] is None and "validation" not in folders
+    carve_test = explicit["test"] is None and "test" not in folders and "validation" not in folders
+    if explicit["test"] is None and "test" not in folders and "validation" in folders:
+        carve_val = explicit["val"] is None  # val/ becomes the test split; pick epochs on a carve
+    fractions = (cfg.val_fraction if carve_val else 0.0, cfg.test_fraction if carve_test else 0.0)
+    tr, va, te = carve(good["train"], fractions, seed)
+    for role in ("train", "val", "test"):
+        if explicit[role] is not None:
+            lists[role], source[role] = _folder_slice(explicit[role], f"{role}_split", pools, seed), explicit[role]
+    if "train" not in lists:
+        lists["train"] = tr
+        carved = [f"{role} {fraction:.0%}" for role, fraction in zip(("val", "test"), fractions) if fraction]
+        source["train"] = source_train + (f" minus carved {', '.join(carved)}" if carved else "")
+    if "val" not in lists:
+        if carve_val:
+            lists["val"], source["val"] = va, f"{source_train}, stratified {cfg.val_fraction:.0%} (seed {seed})"
+        else:
+            lists["val"], source["val"] = pools["validation"], "validation folder"
+    if "test" not in lists:
+        if carve_test:
+            lists["test"], source["test"] = te, f"{source_train}, stratified {cfg.test_fraction:.0%} (seed {seed})"
+        elif "test" in folders:
+            lists["test"], source["test"] = pools["test"], "test/"
+        else:
+            lists["test"], source["test"] = pools["validation"], "validation folder (val/)"
+    members = {role: {str(p) for p, _ in pairs} for role, pairs in lists.items()}
+    warn_overlap(list(members), lambda a, b: len(members[a] & members[b]), source)
+    size = storage_size(cfg.image_size, None, model_size)
+
+    def read(path):
+        # Pillow, not tf.io: EXIF orientation, transparency and GIF/BMP decoded as a
+        # viewer shows them, exactly as `predict` reads a file.
+        image = tf.numpy_function(lambda p: decode_file(p.decode()), [path], tf.uint8, stateful=False)
+        image.set_shape([None, None, 3])
+        return fit_square(image, size)
+
+    datasets = {}
+    for role, pairs in lists.items():
+        if not pairs:
+            raise UserError(
+                f"the {role} split of '{root}' came out empty ({source[role]}); give the folder "
+                f"more images per class, or raise data.{role}_fraction" if role != "train" else
+                f"the train split of '{root}' came out empty; lower data.val_fraction and data.test_fraction"
+            )
+        paths = tf.constant([str(p) for p, _ in pairs])
+        labels = tf.constant([y for _, y in pairs], tf.int64)
+        ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+        datasets[role] = ds.map(lambda p, y: (read(p), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return datasets, class_names, size, source
+
+
+# ---------------------------------------------------------------------------- both
+
+
+def warn_overlap(roles: list[str], shared, described: dict[str, str]) -> None:
+    """Logs a warning for each pair of splits that share examples (`shared(a, b)` counts
+    them): a best epoch picked, or a number reported, on images the model trained on."""
+    for i, a in enumerate(roles):
+        for b in roles[i + 1:]:
+            count = shared(a, b)
+            if count:
+                log.warning("data: the %s split (%s) and the %s split (%s) share %d examples",
+                            a, described[a], b, described[b], count)  # fmt: skip
+
+
+
 def augment(image: tf.Tensor) -> tf.Tensor:
-    """Random horizontal flip and translation (reflect-pad, then a random 32x32 crop)."""
+    """Random horizontal flip and translation: reflect-pad by S/8, then a random S x S crop
+    (4 pixels at 32x32, the usual CIFAR augmentation)."""
+    shape = tf.shape(image)
+    pad = image.shape[0] // 8 if image.shape[0] else 4
     image = tf.image.random_flip_left_right(image)
-    padded = tf.pad(image, [[PAD, PAD], [PAD, PAD], [0, 0]], mode="REFLECT")
-    return tf.image.random_crop(padded, IMAGE_SHAPE)
+    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+    return tf.image.random_crop(padded, shape)
 
 
-def _count(ds: tf.data.Dataset, key: str, split: str) -> int:
+def _count(ds: tf.data.Dataset, key: str, split: str | None) -> int:
     n = int(ds.cardinality())
+    if n == tf.data.UNKNOWN_CARDINALITY or n == tf.data.INFINITE_CARDINALITY:
+        n = int(ds.reduce(0, lambda c, _: c + 1))
     if n <= 0:
         raise ConfigError(f"data.{key}={split!r} selects no examples; widen the split")
     return n
 
 
-def make_datasets(cfg: DataConfig, seed: int = 0) -> Splits:
-    train = load_split(cfg, cfg.train_split, "train_split")
-    val = load_split(cfg, cfg.val_split, "val_split")
-    test = load_split(cfg, cfg.test_split, "test_split")
-    counts = [
-        _count(train, "train_split", cfg.train_split),
-        _count(val, "val_split", cfg.val_split),
-        _count(test, "test_split", cfg.test_split),
-    ]
+def _sources(cfg: DataConfig, seed: int, model_size: int):
+    if is_folder(cfg.dataset):
+        return "folder", *_folder_source(cfg, model_size, seed)
+    return "tfds", *_tfds_source(cfg, model_size)
+
+
+def first_test_images(cfg: DataConfig, seed: int, model_size: int, count: int) -> np.ndarray:
+    """The first `count` images of the test split, uint8 [count, S, S, 3] (for parity checks)."""
+    _, datasets, *_ = _sources(cfg, seed, model_size)
+    return np.stack([x for x, _ in datasets["test"].take(count).as_numpy_iterator()])
+
+
+def make_datasets(cfg: DataConfig, seed: int = 0, model_size: int = 224) -> Splits:
+    """Train (shuffled, augmented), plain train, val and test splits, and their DatasetInfo.
+
+    Images: uint8 [batch, S, S, 3]; labels: int64 [batch]. S is `data.image_size`, else
+    the dataset's own square size (32 for CIFAR-10), else `model_size`.
+    Raises UserError / ConfigError for a missing dataset or folder, bad split strings,
+    a folder with fewer than 2 classes or unreadable classes, and empty splits.
+    """
+    kind, datasets, class_names, size, source = _sources(cfg, seed, model_size)
+    train, val, test = datasets["train"], datasets["val"], datasets["test"]
     auto = tf.data.AUTOTUNE
     if cfg.cache:
         train, val, test = train.cache(), val.cache(), test.cache()
+    counts = [_count(d, f"{role}_split", source[role]) for d, role in ((train, "train"), (val, "val"), (test, "test"))]
+    # One pass over the labels (which also fills the cache the first epoch would fill).
+    labels = np.concatenate([y for _, y in train.batch(4096).as_numpy_iterator()])
+    per_class = np.bincount(labels, minlength=len(class_names))
+    info = DatasetInfo(
+        name=cfg.dataset, source=kind, class_names=class_names, image_size=size,
+        num_train=counts[0], num_val=counts[1], num_test=counts[2],
+        train_class_counts=tuple(int(n) for n in per_class), splits=dict(source),
+    )  # fmt: skip
     plain = train
     # A new shuffle order every epoch; seeded so a rerun is reproducible.
     train = train.shuffle(min(cfg.shuffle_buffer, counts[0]), seed=seed,
@@ -101,7 +551,7 @@ def make_datasets(cfg: DataConfig, seed: int = 0) -> Splits:
     if cfg.augment:
         train = train.map(lambda x, y: (augment(x), y), num_parallel_calls=auto)
     batched = [d.batch(cfg.batch_size).prefetch(auto) for d in (train, plain, val, test)]
-    return Splits(*batched, *counts)
+    return Splits(*batched, info)
 
 
 def feature_dataset(

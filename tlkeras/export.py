@@ -5,21 +5,27 @@
 Layout (TF Serving polls <base>/<name> and loads the highest integer version):
 
     <base>/<name>/<version>/saved_model.pb, variables/, assets.extra/tf_serving_warmup_requests
-    <base>/onnx/<name>/<version>/model.onnx
+    <base>/onnx/<name>/<version>/model.onnx, labels.txt
 
 Both are built in hidden temporary siblings, checked against the Keras model (parity
 gate), and only then renamed into place; a failed export publishes nothing.
 
-Contract (stable names):
-  serving_default  images: uint8 [batch, 32, 32, 3]  ->  probabilities: float32 [batch, 10],
-                                                          classes: int64 [batch]
-  predict_bytes    image_bytes: string [batch] (JPEG or PNG, TF Serving's b64)  ->  the same
-  ONNX             images: uint8 [batch, 32, 32, 3]  ->  probabilities, classes
+Contract (stable names; S is the run's storage size, C its class count):
+  serving_default  images: uint8 [batch, S, S, 3]  ->  probabilities: float32 [batch, C],
+                   classes: int64 [batch], labels: string [batch] (the predicted class name),
+                   class_names: string [batch, C] (every name, in class-index order)
+  predict_bytes    image_bytes: string [batch] (JPEG, PNG, BMP or GIF; TF Serving's b64)
+                   -> the same; decoded, alpha composited on white, centre-cropped and
+                   resized to S in the graph (EXIF orientation is not applied there:
+                   clients send upright images, as tlkeras.predict does)
+  ONNX             images: uint8 [batch, S, S, 3]  ->  probabilities, classes; metadata
+                   `class_names` (JSON list) and `image_size`; labels.txt beside it
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -28,14 +34,14 @@ from typing import Any
 
 import numpy as np
 
+from tlkeras.console import quiet_libraries
 from tlkeras.errors import UserError, run_cli
 
 INPUT = "images"
 BYTES_INPUT = "image_bytes"
 BYTES_SIGNATURE = "predict_bytes"
 OPSET = 17
-MAX_IMAGE_BYTES = 16 * 2**20
-MAX_IMAGE_PIXELS = 4096 * 4096  # refuse before decoding: a 30k x 30k PNG is 2.7 GB of RAM
+LABELS_FILE = "labels.txt"  # beside model.onnx: one class name per line, in class-index order
 TOLERANCE = 1e-4
 WARMUP_FILE = "tf_serving_warmup_requests"
 
@@ -44,45 +50,12 @@ class ExportError(UserError):
     pass
 
 
-def decode_image(data):
-    """Encoded JPEG/PNG -> uint8 [32, 32, 3], resized the way predict and serving do it.
+def make_serving_module(model, class_names: tuple[str, ...]):
+    """A tf.Module with the two signatures and the ONNX graph; each weight saved once.
 
-    Grayscale is replicated to RGB and an alpha channel dropped (channels=3). Sizes are
-    read from the header first, so an oversized image is refused without decoding it.
-    """
-    import tensorflow as tf
-
-    is_png = tf.equal(tf.strings.substr(data, 0, 8), b"\x89PNG\r\n\x1a\n")
-    is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
-    checks = [
-        tf.debugging.assert_equal(is_png | is_jpeg, True, message="image is not a JPEG or PNG file"),
-        tf.debugging.assert_less_equal(
-            tf.strings.length(data), MAX_IMAGE_BYTES, message=f"image is over {MAX_IMAGE_BYTES} bytes"
-        ),
-    ]
-
-    def png_size():  # IHDR: big-endian width, height at bytes 16..24
-        wh = tf.io.decode_raw(tf.strings.substr(data, 16, 8), tf.int32, little_endian=False)
-        return tf.cast(wh[0], tf.int64) * tf.cast(wh[1], tf.int64)
-
-    def jpeg_size():
-        return tf.reduce_prod(tf.cast(tf.io.extract_jpeg_shape(data)[:2], tf.int64))
-
-    # Explicit dependencies: inside map_fn's loop nothing else orders the checks first.
-    with tf.control_dependencies([c for c in checks if c is not None]):
-        pixels = tf.cond(is_png, png_size, jpeg_size)
-        checks.append(tf.debugging.assert_less_equal(
-            pixels, tf.constant(MAX_IMAGE_PIXELS, tf.int64),
-            message=f"image has more than {MAX_IMAGE_PIXELS} pixels",
-        ))  # fmt: skip
-    with tf.control_dependencies([c for c in checks if c is not None]):
-        image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    image = tf.image.resize(image, (32, 32), antialias=True)  # identity for 32x32 input
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-
-
-def make_serving_module(model):
-    """A tf.Module with the two signatures; each weight is saved exactly once.
+    The input size S is the model's. `labels` and `class_names` carry the class names in
+    the graph (tf.estimator's ClassificationOutput convention tiles the names per example
+    the same way), so a TF Serving client prints names without a list of its own.
 
     Keras 3 variables wrap tf.Variables that tf.Module does not find by itself, so a TF1
     session (TF Serving) could not restore them; tracking the underlying tf.Variables
@@ -91,21 +64,34 @@ def make_serving_module(model):
     """
     import tensorflow as tf
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name=INPUT)])
-    def serve(images):
+    from tlkeras.images import decode_in_graph
+
+    size = int(model.input.shape[1])
+    names = tf.constant(list(class_names))
+    if len(class_names) != model.output.shape[-1]:
+        raise ExportError(f"{len(class_names)} class names for a model with {model.output.shape[-1]} outputs")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, name=INPUT)])
+    def numeric(images):  # what ONNX holds: no strings
         probabilities = tf.cast(model(images, training=False), tf.float32)
         return {"probabilities": probabilities, "classes": tf.argmax(probabilities, axis=1)}
 
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8, name=INPUT)])
+    def serve(images):
+        out = numeric(images)
+        batch = tf.shape(images)[0]
+        return {**out, "labels": tf.gather(names, out["classes"]),
+                "class_names": tf.tile(names[tf.newaxis], [batch, 1])}  # fmt: skip
+
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
     def serve_bytes(image_bytes):
-        images = tf.map_fn(
-            decode_image, image_bytes, fn_output_signature=tf.TensorSpec([32, 32, 3], tf.uint8)
-        )
+        images = tf.map_fn(lambda data: decode_in_graph(data, size), image_bytes,
+                           fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))  # fmt: skip
         return serve(images)
 
     module = tf.Module()
     module.weights = [v.value for v in model.weights]
-    module.serve, module.serve_bytes = serve, serve_bytes
+    module.numeric, module.serve, module.serve_bytes = numeric, serve, serve_bytes
     return module
 
 
@@ -138,17 +124,21 @@ def save_savedmodel(module, path: Path, name: str, warmup: np.ndarray) -> None:
     write_warmup(path / "assets.extra" / WARMUP_FILE, name, warmup)
 
 
-def save_onnx(module, path: Path) -> None:
+def save_onnx(module, path: Path, class_names: tuple[str, ...]) -> None:
+    """ONNX of the numeric graph; class names and input size in its metadata and labels.txt."""
+    import onnx
     import tf2onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tf2onnx.convert.from_function(
-        module.serve, input_signature=module.serve.input_signature, opset=OPSET,
-        output_path=str(path),
+    proto, _ = tf2onnx.convert.from_function(
+        module.numeric, input_signature=module.numeric.input_signature, opset=OPSET,
     )  # fmt: skip
-    import onnx
-
+    size = module.numeric.input_signature[0].shape[1]
+    for key, value in (("class_names", json.dumps(list(class_names))), ("image_size", str(size))):
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
     onnx.checker.check_model(str(path), full_check=True)
+    (path.parent / LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names))
 
 
 def run_tf1_session(path: Path, images: np.ndarray, chunk: int = 256) -> dict[str, np.ndarray]:
@@ -181,12 +171,18 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def parity(reference: np.ndarray, outputs: dict[str, np.ndarray], what: str) -> dict[str, Any]:
+def parity(reference: np.ndarray, outputs: dict[str, np.ndarray], what: str,
+           class_names: tuple[str, ...] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Max |probability difference| and identical classes (and labels, when the export
+    has them) against the Keras model's probabilities; ExportError past TOLERANCE."""
     probs = outputs["probabilities"]
     if probs.shape != reference.shape:
         raise ExportError(f"{what}: probabilities shape {probs.shape} != Keras {reference.shape}")
     diff = float(np.abs(probs - reference).max())
     same = bool((outputs["classes"] == reference.argmax(axis=1)).all())
+    if class_names is not None and "labels" in outputs:
+        expected = np.array([class_names[i] for i in reference.argmax(axis=1)], dtype=object)
+        same = same and [b.decode() for b in outputs["labels"]] == expected.tolist()
     if diff > TOLERANCE or not same:
         raise ExportError(
             f"{what} disagrees with the Keras model (max |diff| {diff:.2e}, tolerance "
@@ -218,8 +214,13 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def export_model(model, base: Path, name: str, images: np.ndarray) -> dict[str, Any]:
-    """Builds, verifies and publishes version N+1 of both formats; returns their record."""
+def export_model(model, base: Path, name: str, images: np.ndarray,
+                 class_names: tuple[str, ...]) -> dict[str, Any]:  # fmt: skip
+    """Builds, verifies and publishes version N+1 of both formats; returns their record.
+
+    `images`: uint8 [n, S, S, 3] for the parity gate; `class_names` in class-index order.
+    Raises ExportError (nothing published) when an export disagrees with `model`.
+    """
     base = Path(base)
     sm_root, onnx_root = base / name, base / "onnx" / name
     for root in (sm_root, onnx_root):
@@ -230,12 +231,12 @@ def export_model(model, base: Path, name: str, images: np.ndarray) -> dict[str, 
     sm_tmp = sm_root / f".tmp-{version}-{os.getpid()}"
     onnx_tmp = onnx_root / f".tmp-{version}-{os.getpid()}"
     try:
-        module = make_serving_module(model)
+        module = make_serving_module(model, class_names)
         save_savedmodel(module, sm_tmp, name, images[:8])
-        save_onnx(module, onnx_tmp / "model.onnx")
+        save_onnx(module, onnx_tmp / "model.onnx", class_names)
         reference = np.asarray(model.predict(images, verbose=0), dtype=np.float32)
         checks = {
-            "savedmodel": parity(reference, run_tf1_session(sm_tmp, images), "SavedModel"),
+            "savedmodel": parity(reference, run_tf1_session(sm_tmp, images), "SavedModel", class_names),
             "onnx": parity(reference, run_onnx(onnx_tmp / "model.onnx", images), "ONNX"),
         }
         sm_final, onnx_final = sm_root / str(version), onnx_root / str(version)
@@ -255,21 +256,27 @@ def export_model(model, base: Path, name: str, images: np.ndarray) -> dict[str, 
         "onnx": str((onnx_final / "model.onnx").resolve()),
         "onnx_bytes": (onnx_final / "model.onnx").stat().st_size,
         "opset": OPSET,
+        "image_size": int(images.shape[1]),
+        "class_names": list(class_names),
         "parity": checks,
     }
 
 
-def parity_images(cfg, count: int = 64) -> np.ndarray:
-    """Real CIFAR-10 test images when the data is at hand, else a fixed random batch."""
+def parity_images(cfg, info, count: int = 64) -> np.ndarray:
+    """The run's first test images when its data is at hand, else a fixed random batch."""
     import dataclasses
 
-    from tlkeras.data import load_split
+    from tlkeras.data import first_test_images
 
     try:  # never download here: offline, tfds would retry for minutes
-        ds = load_split(dataclasses.replace(cfg.data, download=False), f"test[:{count}]", "test_split")
-        return np.stack([x.numpy() for x, _ in ds.take(count)])
+        data = dataclasses.replace(cfg.data, download=False)
+        images = first_test_images(data, cfg.seed, cfg.model.image_size, count)
+        if images.shape[1:] == (info.image_size, info.image_size, 3):
+            return images
     except UserError:  # no data: generated images still exercise every op
-        return np.random.default_rng(0).integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+        pass
+    size = info.image_size
+    return np.random.default_rng(0).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
 
 
 def export_run(run_dir: Path, base: Path | None = None, name: str | None = None,
@@ -279,7 +286,7 @@ def export_run(run_dir: Path, base: Path | None = None, name: str | None = None,
 
     from tlkeras import rundir
     from tlkeras.config import load_config
-    from tlkeras.model import build_model  # also registers VGG16Preprocess for loading
+    from tlkeras.model import build_model  # also registers the preprocessing layers
 
     model_path = run_dir / "model.keras"
     if not model_path.is_file():
@@ -288,12 +295,14 @@ def export_run(run_dir: Path, base: Path | None = None, name: str | None = None,
             f"(python -m tlkeras.train leaves model.keras there)"
         )
     cfg = load_config(run_dir / "config.yaml")
+    info = rundir.load_dataset(run_dir)
     # Rebuilt in float32 whatever the training precision, as training's own export does.
     keras.mixed_precision.set_global_policy("float32")
-    model = build_model(cfg.model, load_weights=False)
+    model = build_model(cfg.model, info, load_weights=False)
     model.set_weights(keras.models.load_model(model_path).get_weights())
     base = base or Path(cfg.export.base or run_dir / "export")  # where training exports
-    record = export_model(model, base, name or cfg.export.name, parity_images(cfg, parity_count))
+    images = parity_images(cfg, info, parity_count)
+    record = export_model(model, base, name or cfg.export.name, images, info.class_names)
     summary = rundir.read_json(run_dir / rundir.SUMMARY)
     if summary is not None:
         summary.setdefault("exports", []).append(record)
@@ -307,9 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", type=Path, help="export base folder (default: the run's export.base)")
     parser.add_argument("--name", help="model name, TF Serving's MODEL_NAME (default: the run's export.name)")
     parser.add_argument("--parity-images", type=int, default=64, metavar="N",
-                        help="CIFAR-10 test images for the parity gate (10000: the whole split)")
+                        help="test images of the run's data for the parity gate (e.g. 10000: all of CIFAR-10's)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
+    quiet_libraries(args.debug)  # before TensorFlow is imported
 
     def run() -> None:
         record = export_run(args.run_dir, args.base, args.name, args.parity_images)

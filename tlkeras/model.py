@@ -1,35 +1,38 @@
-"""VGG16 base + new dense head; the model owns its preprocessing.
+"""An ImageNet base (VGG16 or MobileNetV2) + new dense head; the model owns its preprocessing.
 
-    model = build_model(cfg.model)        # uint8 (batch, 32, 32, 3) -> (batch, 10) probabilities
+    model = build_model(cfg.model, info)  # uint8 (batch, S, S, 3) -> (batch, classes) probabilities
     set_finetune_trainable(model, "block5")
 
-Because resizing and the VGG16 input transform are layers of the model, a SavedModel or
+Because resizing and the base's input transform are layers of the model, a SavedModel or
 ONNX export takes raw uint8 pixels and no client has to know about ImageNet means.
+A second base is one row of BACKBONES below.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import keras
 
 from tlkeras.config import ModelConfig
-from tlkeras import CLASS_NAMES
-from tlkeras.data import IMAGE_SHAPE
 from tlkeras.errors import UserError
-from tlkeras.policies import unfreeze_start
+from tlkeras.policies import BASE_LAYERS, unfreeze_start
 
-BASE_NAME = "vgg16"
+if TYPE_CHECKING:  # only .image_size and .num_classes are read: no tfds import for config checks
+    from tlkeras.data import DatasetInfo
+
 FEATURES = "pool"  # the frozen part ends here: phase 1 computes it once and caches it
 
 
-@keras.saving.register_keras_serializable(package="tlkeras")
-class VGG16Preprocess(keras.layers.Layer):
-    """uint8 RGB -> float32 BGR with the ImageNet channel means removed ("caffe" mode).
+class _Preprocess(keras.layers.Layer):
+    """uint8 RGB in, the base's expected float32 input out.
 
-    A registered layer rather than a Lambda, so the saved model reloads without unsafe
-    deserialization. It runs in float32 even under mixed precision: pixel values up to
-    255 minus a mean keep full precision before the base casts to its compute dtype.
+    Registered subclasses rather than a Lambda, so the saved model reloads without unsafe
+    deserialization. They run in float32 even under mixed precision: pixel values up to
+    255 keep full precision through the transform; the base casts to its compute dtype.
     """
 
     def __init__(self, **kwargs):
@@ -37,11 +40,55 @@ class VGG16Preprocess(keras.layers.Layer):
         super().__init__(**kwargs)
 
     def call(self, images):
-        images = keras.ops.cast(images, "float32")
-        return keras.applications.vgg16.preprocess_input(images)
+        return self.transform(keras.ops.cast(images, "float32"))
 
 
-def resolve_weights(weights: str | None) -> str | None:
+@keras.saving.register_keras_serializable(package="tlkeras")  # the name old model.keras files use
+class VGG16Preprocess(_Preprocess):
+    """RGB -> BGR with the ImageNet channel means removed ("caffe" mode)."""
+
+    transform = staticmethod(keras.applications.vgg16.preprocess_input)
+
+
+@keras.saving.register_keras_serializable(package="tlkeras")
+class MobileNetV2Preprocess(_Preprocess):
+    """x / 127.5 - 1: pixels to [-1, 1] ("tf" mode)."""
+
+    transform = staticmethod(keras.applications.mobilenet_v2.preprocess_input)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    application: Callable[..., keras.Model]  # keras.applications constructor
+    preprocess: type[_Preprocess]  # its input transform (Keras pairs each with preprocess_input)
+    # The base's layer names after its input layer, in order, and its unfreeze points naming
+    # a group: policies.BASE_LAYERS, so that a config is checked without importing Keras.
+    layers: tuple[str, ...]
+    blocks: tuple[str, ...]
+    features: int  # channels of the pooled features (split_at_features' extractor output)
+    weights_file: str  # the notop file Keras downloads for weights="imagenet"
+
+    @property
+    def label(self) -> str:  # "VGG16", "MobileNetV2": for messages
+        return self.application.__name__
+
+
+# Each base layer is named after its key, so a model says which base it holds.
+BACKBONES = {
+    "vgg16": Backbone(
+        keras.applications.VGG16, VGG16Preprocess, *BASE_LAYERS["vgg16"],
+        features=512,
+        weights_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+    ),
+    "mobilenet_v2": Backbone(
+        keras.applications.MobileNetV2, MobileNetV2Preprocess, *BASE_LAYERS["mobilenet_v2"],
+        features=1280,
+        weights_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+    ),
+}  # fmt: skip
+
+
+def resolve_weights(weights: str | None, backbone: Backbone) -> str | None:
     """'imagenet' and None pass through to Keras; anything else must be a readable file."""
     if weights in (None, "imagenet"):
         return weights
@@ -49,17 +96,20 @@ def resolve_weights(weights: str | None) -> str | None:
     if not path.is_file():
         raise UserError(
             f"model.weights={weights!r}: no such file; give the path to "
-            f"vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5, 'imagenet' to download, "
-            f"or null for random weights"
+            f"{backbone.weights_file}, 'imagenet' to download, or null for random weights"
         )
     return str(path)
 
 
-def build_base(weights: str | None, image_size: int) -> keras.Model:
-    weights = resolve_weights(weights)
+def build_base(name: str, weights: str | None, image_size: int) -> keras.Model:
+    """BACKBONES[name] without its top, as a layer named `name`."""
+    backbone = BACKBONES[name]
+    weights = resolve_weights(weights, backbone)
     try:
-        return keras.applications.VGG16(
-            include_top=False, weights=weights, input_shape=(image_size, image_size, 3)
+        # Keras has MobileNetV2 ImageNet files for inputs 96, 128, 160, 192 and 224; at other
+        # sizes it warns and loads the 224 one, which works at any size >= 32.
+        return backbone.application(
+            include_top=False, weights=weights, input_shape=(image_size, image_size, 3), name=name
         )
     except Exception as e:  # h5py, Keras and urllib each raise their own kind
         if weights is None:
@@ -67,28 +117,34 @@ def build_base(weights: str | None, image_size: int) -> keras.Model:
         reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         if weights == "imagenet":
             raise UserError(
-                f"model.weights='imagenet': downloading the VGG16 weights failed ({reason}); "
-                f"offline, set model.weights to a local copy of "
-                f"vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+                f"model.weights='imagenet': downloading the {backbone.label} weights failed "
+                f"({reason}); offline, set model.weights to a local copy of {backbone.weights_file}"
             ) from None
         raise UserError(
-            f"model.weights={weights!r} could not be loaded as VGG16 include_top=False "
+            f"model.weights={weights!r} could not be loaded as {backbone.label} include_top=False "
             f"weights ({reason}); the file may be truncated or for another architecture: "
-            f"use the Keras vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+            f"use the Keras {backbone.weights_file}"
         ) from None
 
 
-def build_model(cfg: ModelConfig, load_weights: bool = True) -> keras.Model:
-    """The phase-1 model, base frozen; load_weights=False when a checkpoint follows."""
-    base = build_base(cfg.weights if load_weights else None, cfg.image_size)
+def build_model(cfg: ModelConfig, info: DatasetInfo, load_weights: bool = True) -> keras.Model:
+    """The phase-1 model, base frozen; load_weights=False when a checkpoint follows.
+
+    Input: uint8 RGB [batch, S, S, 3], S = info.image_size (the data's storage size);
+    output: float32 softmax probabilities [batch, info.num_classes].
+    """
+    base = build_base(cfg.backbone, cfg.weights if load_weights else None, cfg.image_size)
     base.trainable = False
-    inputs = keras.Input(IMAGE_SHAPE, dtype="uint8", name="images")
-    x = VGG16Preprocess(name="preprocess")(inputs)
-    if cfg.image_size != IMAGE_SHAPE[0]:
-        # Bilinear resize commutes with the per-channel mean shift, so order is free.
+    size = info.image_size
+    inputs = keras.Input((size, size, 3), dtype="uint8", name="images")
+    x = BACKBONES[cfg.backbone].preprocess(name="preprocess")(inputs)
+    if cfg.image_size != size:
+        # Bilinear weights sum to 1, so resizing commutes with either per-channel affine
+        # transform: the order is free.
         x = keras.layers.Resizing(cfg.image_size, cfg.image_size, dtype="float32", name="resize")(x)
-    # training=False keeps the base in inference mode even when unfrozen (the Keras
-    # guide's rule; VGG16 has no BatchNorm, but a swapped-in base might).
+    # training=False: the base runs in inference mode (the Keras guide's rule), so its
+    # BatchNorm layers normalise with their ImageNet statistics. Under fit, Keras 3.15
+    # overrides it (see set_finetune_trainable), which is why BatchNorm also stays frozen.
     x = base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name=FEATURES)(x)
     # VGG16's pooled features reach the hundreds; normalising them lets the head train at
@@ -99,18 +155,36 @@ def build_model(cfg: ModelConfig, load_weights: bool = True) -> keras.Model:
     x = keras.layers.Dropout(cfg.dropout, name="head_dropout")(x)
     # float32 output even under mixed precision: a stable softmax and a stable export.
     outputs = keras.layers.Dense(
-        len(CLASS_NAMES), activation="softmax", dtype="float32", name="probabilities"
+        info.num_classes, activation="softmax", dtype="float32", name="probabilities"
     )(x)
-    return keras.Model(inputs, outputs, name="tlkeras_vgg16")
+    return keras.Model(inputs, outputs, name=f"tlkeras_{cfg.backbone}")
+
+
+def find_base(model: keras.Model) -> tuple[str, keras.Model]:
+    """(backbone name, base layer) of a model from build_model: the layer named after its key."""
+    names = {layer.name for layer in model.layers}
+    for name in BACKBONES:
+        if name in names:
+            return name, model.get_layer(name)
+    raise ValueError(f"model {model.name!r} has no base layer named one of {', '.join(BACKBONES)}")
 
 
 def set_finetune_trainable(model: keras.Model, unfreeze: str) -> None:
-    """Phase 2: train the base from `unfreeze` ("all", a block or a layer) upwards."""
-    base = model.get_layer(BASE_NAME)
-    start = unfreeze_start([layer.name for layer in base.layers], unfreeze)
+    """Phase 2: train the base from `unfreeze` ("all", a block or a layer) upwards.
+
+    BatchNorm layers stay frozen (their scale and offset too): a frozen BatchNormalization
+    normalises with its moving statistics and never updates them. Calling the base with
+    training=False is not enough: Keras 3.15's Functional.call passes fit's training=True
+    down over a layer's explicit training=False (keras/src/models/functional.py,
+    operation_fn), and small fine-tuning batches would overwrite the ImageNet statistics.
+    """
+    name, base = find_base(model)
+    backbone = BACKBONES[name]
+    names = [layer.name for layer in base.layers]
+    start = unfreeze_start(names, backbone.blocks, unfreeze, backbone.label)
     base.trainable = True
-    for layer in base.layers[:start]:
-        layer.trainable = False
+    for i, layer in enumerate(base.layers):
+        layer.trainable = i >= start and not isinstance(layer, keras.layers.BatchNormalization)
 
 
 def split_at_features(model: keras.Model) -> tuple[keras.Model, keras.Model]:

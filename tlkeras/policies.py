@@ -67,22 +67,75 @@ def read_cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
         return set()
 
 
-VGG16_LAYERS = ["input_layer"] + [
-    f"block{b}_{kind}"
-    for b, convs in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
-    for kind in [f"conv{i}" for i in range(1, convs + 1)] + ["pool"]
-]
+def _mobilenet_v2_layers() -> tuple[str, ...]:
+    """Keras's MobileNetV2 layer names after the input layer: a stem, block 0, blocks 1-16."""
+    middle = ("depthwise", "depthwise_BN", "depthwise_relu", "project", "project_BN")
+    names = ["Conv1", "bn_Conv1", "Conv1_relu", *(f"expanded_conv_{s}" for s in middle)]
+    for b in range(1, 17):
+        p = f"block_{b}_"
+        names += [p + "expand", p + "expand_BN", p + "expand_relu"]
+        names += [p + "pad"] if b in (1, 3, 6, 13) else []  # the stride-2 blocks
+        names += [p + s for s in middle]
+        names += [p + "add"] if b in (2, 4, 5, 7, 8, 9, 11, 12, 14, 15) else []  # residual
+    return (*names, "Conv_1", "Conv_1_bn", "out_relu")
 
 
-def unfreeze_start(layer_names: list[str], unfreeze: str) -> int:
-    """Index of the first base layer to train in phase 2 ("all", a block or a layer name)."""
+# Each base's layer names after its input layer, in order, and the unfreeze points that
+# name a group of them (a block: its first layer and everything above). Plain strings, so
+# finetune.unfreeze is checked when the config loads, without Keras; a test compares them
+# with keras.applications.
+BASE_LAYERS = {
+    "vgg16": (
+        tuple(f"block{b}_{kind}" for b, convs in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
+              for kind in [f"conv{i}" for i in range(1, convs + 1)] + ["pool"]),
+        ("block1", "block2", "block3", "block4", "block5"),
+    ),
+    "mobilenet_v2": (_mobilenet_v2_layers(), (*(f"block_{b}" for b in range(1, 17)), "Conv_1")),
+}  # fmt: skip
+BASE_LABELS = {"vgg16": "VGG16", "mobilenet_v2": "MobileNetV2"}
+
+
+def unfreeze_start(layer_names: list[str], blocks: tuple[str, ...], unfreeze: str, base: str) -> int:
+    """Index of the first base layer to train in phase 2: "all", a block or a layer name.
+
+    A block starts at its first layer, `<block>_...` (so MobileNetV2's "block_1" is never
+    "block_13"); `base` ("VGG16") only names the base in the error.
+    """
     if unfreeze == "all":
         return 0
+    prefix = unfreeze + "_" if unfreeze in blocks else None
     for i, name in enumerate(layer_names):
-        if name == unfreeze or name.startswith(unfreeze + "_"):
+        if name == unfreeze or (prefix and name.startswith(prefix)):
             return i
-    blocks = sorted({n.split("_")[0] for n in layer_names if n.startswith("block")})
+    # e.g. the first layer of the last block that has its own layer names ('block5_conv1')
+    firsts = [next((n for n in layer_names if n == b or n.startswith(b + "_")), b) for b in blocks]
+    example = next((n for n in reversed(firsts) if n not in blocks), layer_names[-1])
     raise ConfigError(
-        f"finetune.unfreeze={unfreeze!r} names no VGG16 layer; use 'all', a block "
-        f"({', '.join(blocks)}) or a layer name such as 'block5_conv1'"
+        f"finetune.unfreeze={unfreeze!r} names no {base} layer; use 'all', a block "
+        f"({', '.join(blocks)}) or a layer name such as {example!r}"
     )
+
+
+def storage_size(requested: int | None, native: int | None, model_size: int) -> int:
+    """The data's storage size S: the setting, else the dataset's own square size, else
+    the model's input resolution (so photos are resized once, not twice)."""
+    return requested or native or model_size
+
+
+def carve_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(val, test) images carved from one class of n: rounded shares, one kept for train."""
+    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    while n_val + n_test >= n and (n_val or n_test):  # a class never vanishes from train
+        if n_val >= n_test:
+            n_val -= 1
+        else:
+            n_test -= 1
+    return n_val, n_test
+
+
+def balanced_class_weights(counts: list[int]) -> dict[int, float]:
+    """Keras `class_weight` inversely proportional to class frequency: n / (k * n_c), so
+    the weighted classes count equally and the mean weight per example is 1 (scikit-learn's
+    'balanced' rule). Classes with no examples get weight 0."""
+    total, k = sum(counts), len(counts)
+    return {i: (total / (k * c) if c else 0.0) for i, c in enumerate(counts)}

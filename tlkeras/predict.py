@@ -1,47 +1,53 @@
-"""Classify JPEG/PNG images with an exported model, locally or through TF Serving.
+"""Classify image files with an exported model, locally or through TF Serving.
 
     python -m tlkeras.predict cat.jpg dog.png --model runs/<run>/export/tlkeras
     python -m tlkeras.predict cat.jpg --model runs/<run>/export/onnx/tlkeras/1/model.onnx
     python -m tlkeras.predict cat.jpg --model http://localhost:8501/v1/models/tlkeras
     python -m tlkeras.predict cat.jpg --model localhost:8500/tlkeras --backend grpc
 
-Images of any size are decoded and resized to 32x32 exactly as the SavedModel's
-predict_bytes signature does, so every backend sees the same pixels.
+Files (JPEG, PNG, BMP, GIF; any size) are decoded as a viewer shows them (EXIF orientation
+applied, transparency on white), centre-cropped and resized to the model's input size S
+with the same function as training and the SavedModel's predict_bytes signature, so every
+backend sees the same pixels. Class names and S are read from the model itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from tlkeras import CLASS_NAMES
 from tlkeras.errors import UserError, run_cli
 
 BACKENDS = ("savedmodel", "onnx", "rest", "grpc")
+# A model: its input size S and a function from uint8 [n, S, S, 3] to (probabilities, names).
+Runner = tuple[int, Callable[[np.ndarray], tuple[np.ndarray, tuple[str, ...]]]]
 
 
-def read_images(paths: list[str]) -> np.ndarray:
-    import tensorflow as tf
+def read_images(paths: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """({path: uint8 [H, W, 3]} for the readable files, {path: reason} for the others)."""
+    from tlkeras.images import ImageError, decode_file
 
-    from tlkeras.export import decode_image
-
-    images = []
+    good, bad = {}, {}
     for path in paths:
         try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            raise UserError(f"cannot read image '{path}': {e.strerror}") from None
-        try:
-            images.append(decode_image(tf.constant(data)).numpy())
-        except tf.errors.InvalidArgumentError as e:
-            reason = e.message.splitlines()[0][:120]
-            raise UserError(
-                f"'{path}' is not a readable JPEG or PNG image ({reason}); pass .jpg or .png files"
-            ) from None
-    return np.stack(images)
+            good[path] = decode_file(path)
+        except ImageError as e:
+            bad[path] = str(e)
+    return good, bad
+
+
+def fit_batch(images: list[np.ndarray], size: int) -> np.ndarray:
+    """uint8 [n, size, size, 3]: each image through images.fit_square (crop, resize)."""
+    import tensorflow as tf
+
+    from tlkeras.images import fit_square
+
+    return np.stack([fit_square(tf.constant(x), size).numpy() for x in images])
 
 
 def detect_backend(model: str) -> str:
@@ -72,24 +78,35 @@ def savedmodel_dir(model: str) -> Path:
 
 def wrong_contract(model: str, found: str) -> UserError:
     return UserError(
-        f"--model {model} does not take uint8 images [batch, 32, 32, 3] named 'images' "
-        f"(it takes {found}); export it with python -m tlkeras.export"
+        f"--model {model} does not take uint8 images [batch, S, S, 3] named 'images' with "
+        f"class names (it takes {found}); export it with python -m tlkeras.export"
     )
 
 
-def run_savedmodel(model: str, images: np.ndarray) -> np.ndarray:
+def _names(out: dict) -> tuple[str, ...]:
+    names = out["class_names"][0]
+    return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+
+
+def open_savedmodel(model: str) -> Runner:
     import tensorflow as tf
 
-    path = savedmodel_dir(model)
-    fn = tf.saved_model.load(str(path)).signatures.get("serving_default")
+    fn = tf.saved_model.load(str(savedmodel_dir(model))).signatures.get("serving_default")
     specs = fn.structured_input_signature[1] if fn is not None else {}
     spec = specs.get("images")
-    if spec is None or spec.dtype != tf.uint8 or spec.shape.as_list()[1:] != [32, 32, 3]:
+    shape = spec.shape.as_list() if spec is not None else []
+    if (spec is None or spec.dtype != tf.uint8 or len(shape) != 4 or shape[1] != shape[2]
+            or shape[3] != 3 or "class_names" not in fn.structured_outputs):  # fmt: skip
         raise wrong_contract(model, ", ".join(f"{k}: {v.dtype.name} {v.shape}" for k, v in specs.items()))
-    return fn(images=tf.constant(images))["probabilities"].numpy()
+
+    def run(images):
+        out = {k: v.numpy() for k, v in fn(images=tf.constant(images)).items()}
+        return out["probabilities"], _names(out)
+
+    return shape[1], run
 
 
-def run_onnx(model: str, images: np.ndarray) -> np.ndarray:
+def open_onnx(model: str) -> Runner:
     from tlkeras.export import onnx_session
 
     if not Path(model).is_file():
@@ -99,49 +116,87 @@ def run_onnx(model: str, images: np.ndarray) -> np.ndarray:
     except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf kinds
         raise UserError(f"--model {model} is not a loadable ONNX model ({str(e)[:150]})") from None
     inputs = session.get_inputs()
-    if len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(uint8)":
+    meta = session.get_modelmeta().custom_metadata_map
+    shape = inputs[0].shape if len(inputs) == 1 else []
+    if (len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(uint8)"
+            or len(shape) != 4 or not isinstance(shape[1], int) or "class_names" not in meta):  # fmt: skip
         raise wrong_contract(model, ", ".join(f"{i.name}: {i.type} {i.shape}" for i in inputs))
-    return session.run(["probabilities"], {"images": images})[0]
+    names = tuple(json.loads(meta["class_names"]))
+    width = session.get_outputs()[0].shape[-1]
+    if isinstance(width, int) and width != len(names):
+        raise UserError(f"--model {model} has {width} outputs but {len(names)} class names in its metadata")
+
+    def run(images):
+        return session.run(["probabilities"], {"images": images})[0], names
+
+    return shape[1], run
 
 
-def run_grpc(model: str, images: np.ndarray) -> np.ndarray:
-    from tlkeras.serving import predict_grpc
+def open_rest(model: str) -> Runner:
+    from tlkeras.serving import input_size_rest, predict_rest
+
+    def run(images):
+        out = predict_rest(model, images=images)
+        return out["probabilities"], _names(out)
+
+    return input_size_rest(model), run
+
+
+def open_grpc(model: str) -> Runner:
+    from tlkeras.serving import input_size_grpc, predict_grpc
 
     target, _, name = model.removeprefix("grpc://").partition("/")
-    return predict_grpc(target, name or "tlkeras", images=images)
+    name = name or "tlkeras"
+
+    def run(images):
+        out = predict_grpc(target, name, images=images)
+        return out["probabilities"], _names(out)
+
+    return input_size_grpc(target, name), run
 
 
-def predict(model: str, images: np.ndarray, backend: str | None = None) -> np.ndarray:
-    backend = backend or detect_backend(model)
-    if backend == "rest":
-        from tlkeras.serving import predict_rest
-
-        return predict_rest(model, images=images)
-    run = {"savedmodel": run_savedmodel, "onnx": run_onnx, "grpc": run_grpc}[backend]
-    return run(model, images)
+def open_model(model: str, backend: str | None = None) -> Runner:
+    """(S, run) for a SavedModel folder, an .onnx file, a REST URL or grpc host:port/name."""
+    opener = {"savedmodel": open_savedmodel, "onnx": open_onnx, "rest": open_rest, "grpc": open_grpc}
+    return opener[backend or detect_backend(model)](model)
 
 
-def top_k(probabilities: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+def predict(model: str, images: list[np.ndarray], backend: str | None = None
+            ) -> tuple[np.ndarray, tuple[str, ...]]:  # fmt: skip
+    """(probabilities float32 [n, C], class names) for decoded uint8 [H, W, 3] images."""
+    size, run = open_model(model, backend)
+    return run(fit_batch(images, size))
+
+
+def top_k(probabilities: np.ndarray, names: tuple[str, ...], k: int) -> list[list[tuple[str, float]]]:
     order = np.argsort(-probabilities, axis=1)[:, :k]
-    return [[(CLASS_NAMES[i], float(p[i])) for i in row] for row, p in zip(order, probabilities)]
+    return [[(names[i], float(p[i])) for i in row] for row, p in zip(order, probabilities)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tlkeras.predict", description=__doc__.split("\n")[0])
-    parser.add_argument("images", nargs="+", help="JPEG or PNG files, any size")
+    parser.add_argument("images", nargs="+", help="JPEG, PNG, BMP or GIF files, any size")
     parser.add_argument("--model", required=True,
                         help="SavedModel folder, .onnx file, REST URL or grpc host:port/name")  # fmt: skip
     parser.add_argument("--backend", choices=BACKENDS, help="default: guessed from --model")
-    parser.add_argument("--top-k", type=int, default=3, help="classes to show per image")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument("--top-k", type=int, default=3, help="classes to show per image (at most all)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors and library logs")
     args = parser.parse_args(argv)
-    if not 1 <= args.top_k <= len(CLASS_NAMES):
-        parser.error(f"--top-k {args.top_k} must be between 1 and {len(CLASS_NAMES)}")
+    if args.top_k < 1:
+        parser.error(f"--top-k {args.top_k} must be 1 or more")
+    from tlkeras.console import quiet_libraries
 
-    def run() -> None:
-        probabilities = predict(args.model, read_images(args.images), args.backend)
-        for path, best in zip(args.images, top_k(probabilities, args.top_k)):
-            print(f"{path}: " + ", ".join(f"{name} {p:.4f}" for name, p in best))
+    quiet_libraries(args.debug)
+
+    def run() -> int:
+        good, bad = read_images(args.images)
+        if good:
+            probabilities, names = predict(args.model, list(good.values()), args.backend)
+            for path, best in zip(good, top_k(probabilities, names, args.top_k)):
+                print(f"{path}: " + ", ".join(f"{name} {p:.4f}" for name, p in best))
+        for reason in bad.values():  # one line per unreadable file; the others are answered
+            print(f"error: {reason}", file=sys.stderr)
+        return 1 if bad else 0
 
     return run_cli(run, args.debug)
 

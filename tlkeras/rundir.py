@@ -2,6 +2,7 @@
 
     runs/<timestamp>-<name>/
       config.yaml  environment.json  train.log       written first / appended
+      dataset.json                                   DatasetInfo: class names, storage size, counts
       metrics.csv  tensorboard/                      one epoch axis across both phases
       checkpoints/{head,finetune}_best.weights.h5    best by validation accuracy
       checkpoints/{head,finetune}.json               a phase's record; marks it finished
@@ -26,6 +27,7 @@ from tlkeras.errors import UserError
 
 SUMMARY = "summary.json"
 METRICS = "metrics.csv"
+DATASET = "dataset.json"
 
 
 def default_run_dir(name: str) -> Path:
@@ -55,6 +57,30 @@ def prepare(run_dir: Path, cfg: Config, argv: list[str]) -> bool:
     write_atomic(config_file, dump_yaml(cfg))
     write_json(run_dir / "environment.json", environment(argv))
     return False
+
+
+def record_dataset(run_dir: Path, info) -> None:
+    """Writes dataset.json; a resumed run must see the same classes and storage size."""
+    path = run_dir / DATASET
+    before = read_json(path)
+    if before is not None and (before["class_names"] != list(info.class_names)
+                               or before["image_size"] != info.image_size):  # fmt: skip
+        raise UserError(
+            f"run folder '{run_dir}' was trained on classes {before['class_names'][:5]} at "
+            f"{before['image_size']}px, but the data now gives {list(info.class_names)[:5]} at "
+            f"{info.image_size}px; restore the data or pass a new --run-dir"
+        )
+    write_json(path, info.to_dict())
+
+
+def load_dataset(run_dir: Path):
+    """The DatasetInfo a run was trained on, read back from its dataset.json."""
+    from tlkeras.data import DatasetInfo
+
+    d = read_json(run_dir / DATASET)
+    if d is None:
+        raise UserError(f"'{run_dir / DATASET}' not found: --run-dir must name a training run")
+    return DatasetInfo.from_dict(d)
 
 
 def worker_copy(run_dir: Path) -> Path:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
+from tlkeras.console import quiet_libraries
 from tlkeras.errors import run_cli
 
 
@@ -30,17 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter
-    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # retracing notes and the like
 
     def run() -> None:
-        from tlkeras.config import load_config
+        from tlkeras.config import load_config, preflight
+        from tlkeras.rundir import default_run_dir
 
         cfg = load_config(args.config, args.overrides)
-        from tlkeras.rundir import default_run_dir
+        run_dir = args.run_dir or default_run_dir(cfg.name)
+        preflight(cfg, run_dir)  # seconds, before TensorFlow and the data load
+        quiet_libraries(args.debug)  # imports TensorFlow with its start-up lines hidden
         from tlkeras.training import train_and_evaluate
 
-        train_and_evaluate(cfg, args.run_dir or default_run_dir(cfg.name), argv)
+        train_and_evaluate(cfg, run_dir, argv)
 
     return run_cli(run, args.debug)
 

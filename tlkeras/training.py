@@ -26,14 +26,13 @@ import tensorflow as tf
 
 from tlkeras import rundir
 from tlkeras.config import Config
-from tlkeras import CLASS_NAMES
-from tlkeras.data import Splits, feature_dataset, make_datasets
+from tlkeras.data import DatasetInfo, Splits, feature_dataset, make_datasets
 from tlkeras.errors import UserError
 from tlkeras.export import export_model
 from tlkeras.model import build_model, set_finetune_trainable, split_at_features
 from tlkeras.policies import (
-    choose_precision, choose_strategy, is_chief, per_replica_batch, read_cpu_flags, steps_per_epoch,
-    warmup_steps,
+    balanced_class_weights, choose_precision, choose_strategy, is_chief, per_replica_batch,
+    read_cpu_flags, steps_per_epoch, warmup_steps,
 )  # fmt: skip
 
 log = logging.getLogger("tlkeras")
@@ -102,9 +101,9 @@ def _resumed_epoch(backup_dir: Path, default: int) -> int:
     return int(meta["epoch"]) if meta else default
 
 
-def _loads(path: Path, cfg: Config) -> bool:
+def _loads(path: Path, cfg: Config, info: DatasetInfo) -> bool:
     try:
-        build_model(cfg.model, load_weights=False).load_weights(path)
+        build_model(cfg.model, info, load_weights=False).load_weights(path)
         return True
     except Exception:  # h5py and Keras raise several kinds for a truncated file
         return False
@@ -178,7 +177,7 @@ def fit_phase(
         # Seeded here: a resumed phase 1 with random weights (model.weights=null) rebuilds
         # the very base its backed-up head was trained on.
         keras.utils.set_random_seed(cfg.seed)
-        model = build_model(cfg.model, load_weights=init_weights is None)
+        model = build_model(cfg.model, splits.info, load_weights=init_weights is None)
         if phase == "finetune":
             set_finetune_trainable(model, cfg.finetune.unfreeze)
         if init_weights is not None:
@@ -191,7 +190,7 @@ def fit_phase(
     rundir.truncate_metrics(run_dir, resume_at)
     done = [r for r in rundir.read_metrics(run_dir) if r["epoch"] >= first_epoch]
     best_so_far = max((r["val_accuracy"] for r in done), default=None)
-    if best_path.exists() and not _loads(best_path, cfg):
+    if best_path.exists() and not _loads(best_path, cfg, splits.info):
         # Killed while ModelCheckpoint wrote it: never mistake it for a checkpoint.
         log.warning("%s: %s is unreadable (interrupted write); discarding it", phase, best_path)
         best_path.unlink()
@@ -223,8 +222,9 @@ def fit_phase(
     train, val, features_s = (
         cached_feature_data(extractor, cfg, splits) if extractor else (splits.train, splits.val, None)
     )
+    weights = balanced_class_weights(splits.info.train_class_counts) if cfg.data.class_weight else None
     history = trained.fit(
-        train, validation_data=val, initial_epoch=first_epoch,
+        train, validation_data=val, initial_epoch=first_epoch, class_weight=weights,
         epochs=first_epoch + epochs, callbacks=callbacks, shuffle=False,  # tf.data shuffles
         verbose=1 if sys.stdout.isatty() else 2,
     )  # fmt: skip
@@ -265,37 +265,47 @@ def fit_phase(
     return record
 
 
-def evaluate(model: keras.Model, test: tf.data.Dataset) -> dict[str, Any]:
+def evaluate(model: keras.Model, test: tf.data.Dataset, class_names: tuple[str, ...]) -> dict[str, Any]:
+    """Test accuracy, per-class accuracy (keyed by class name) and the confusion matrix
+    (rows: true class, columns: predicted, in class-index order)."""
     labels = np.concatenate([y.numpy() for _, y in test])
     probs = model.predict(test, verbose=0)
     preds = probs.argmax(axis=1)
-    matrix = tf.math.confusion_matrix(labels, preds, num_classes=len(CLASS_NAMES)).numpy()
+    matrix = tf.math.confusion_matrix(labels, preds, num_classes=len(class_names)).numpy()
     per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
     return {
         "test_accuracy": float((preds == labels).mean()),
         "test_examples": int(labels.size),
-        "per_class_test_accuracy": dict(zip(CLASS_NAMES, per_class.round(4).tolist())),
+        "per_class_test_accuracy": dict(zip(class_names, per_class.round(4).tolist())),
         "confusion_matrix": matrix.tolist(),
     }
 
 
-def save_confusion_png(matrix: list[list[int]], path: Path) -> None:
+def save_confusion_png(matrix: list[list[int]], class_names: tuple[str, ...], title: str,
+                       path: Path) -> None:  # fmt: skip
+    """Row-normalised confusion matrix; counts in the cells up to 20 classes, and a figure
+    that grows with the class count so 100+ names stay legible."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     m = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(7, 6))
+    k = len(class_names)
+    side = max(6.0, 0.16 * k + 2)  # about 0.16 inch per class: 102 classes -> 18 inches
+    fig, ax = plt.subplots(figsize=(side + 1, side))
     ax.imshow(m / np.maximum(m.sum(axis=1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
-    for (i, j), v in np.ndenumerate(m):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                color="white" if v > m.sum(axis=1)[i] / 2 else "black")  # fmt: skip
-    ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=45, ha="right")
-    ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES)
+    if k <= 20:
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                    color="white" if v > m.sum(axis=1)[i] / 2 else "black")  # fmt: skip
+    font = 9 if k <= 20 else 6
+    ax.set_xticks(range(k), class_names, rotation=90 if k > 20 else 45, ha="center" if k > 20 else "right",
+                  fontsize=font)  # fmt: skip
+    ax.set_yticks(range(k), class_names, fontsize=font)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"CIFAR-10 test, accuracy {m.trace() / max(m.sum(), 1):.3f}")
+    ax.set_title(f"{title} test, accuracy {m.trace() / max(m.sum(), 1):.3f}")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -355,9 +365,16 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
     log.info("strategy %s, %d replica(s) x %d images, precision %s",
              type(strategy).__name__, replicas, per_replica, precision)  # fmt: skip
 
-    splits = make_datasets(cfg.data, cfg.seed)
-    log.info("data: %d train, %d val, %d test images",
-             splits.num_train, splits.num_val, splits.num_test)  # fmt: skip
+    splits = make_datasets(cfg.data, cfg.seed, cfg.model.image_size)
+    info = splits.info
+    log.info("data: %s (%s), %d classes, %dx%d storage; %d train, %d val, %d test images",
+             info.name, info.source, info.num_classes, info.image_size, info.image_size,
+             info.num_train, info.num_val, info.num_test)  # fmt: skip
+    log.info("data: splits %s", "; ".join(f"{k}: {v}" for k, v in info.splits.items()))
+    log.info("data: train images per class: %s", ", ".join(
+        f"{c} {n}" for c, n in zip(info.class_names, info.train_class_counts)))  # fmt: skip
+    if chief:
+        rundir.record_dataset(run_dir, info)
 
     records: dict[str, Any] = {}
     weights: Path | None = None
@@ -379,15 +396,16 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
     # anywhere (onnxruntime has no bf16 convolutions on CPU) and its outputs are stable.
     # Built outside the strategy: evaluation and export are local, not collective.
     keras.mixed_precision.set_global_policy("float32")
-    model = build_model(cfg.model, load_weights=False)
+    model = build_model(cfg.model, info, load_weights=False)
     model.load_weights(weights)
     fingerprint = weights_fingerprint(model)
     log.info("final weights sha256 %s", fingerprint)
     if not chief:
         return {"worker": True, "weights_sha256": fingerprint, "phases": records}
 
-    results = evaluate(model, splits.test)
-    save_confusion_png(results["confusion_matrix"], run_dir / "confusion_matrix.png")
+    results = evaluate(model, splits.test, info.class_names)
+    save_confusion_png(results["confusion_matrix"], info.class_names, info.name,
+                       run_dir / "confusion_matrix.png")  # fmt: skip
     tmp_model = run_dir / ".model.tmp.keras"
     model.save(tmp_model)
     os.replace(tmp_model, run_dir / "model.keras")
@@ -396,7 +414,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
     if cfg.export.enabled:
         first_test = np.stack([x.numpy() for x, _ in splits.test.unbatch().take(64)])
         base = Path(cfg.export.base) if cfg.export.base else run_dir / "export"
-        exports.append(export_model(model, base, cfg.export.name, first_test))
+        exports.append(export_model(model, base, cfg.export.name, first_test, info.class_names))
         log.info("exported version %d: %s and %s (parity max |diff| %.1e / %.1e)",
                  exports[0]["version"], exports[0]["savedmodel"], exports[0]["onnx"],
                  exports[0]["parity"]["savedmodel"]["max_abs_diff"],
@@ -415,7 +433,8 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
         "per_replica_batch": per_replica,
         "precision": precision,
         "weights_sha256": fingerprint,
-        "class_names": list(CLASS_NAMES),
+        "class_names": list(info.class_names),
+        "dataset": info.to_dict(),
         "model": "model.keras",
         "exports": exports,
     }

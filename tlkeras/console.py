@@ -1,0 +1,119 @@
+"""A quiet console: every command's `main()` calls quiet_libraries() right after parsing.
+
+    quiet_libraries(args.debug)        # before anything imports TensorFlow
+    TLKERAS_DEBUG=1 python -m tlkeras.train ...   # or --debug: every library line is back
+
+What a command printed before (TF 2.21, tfds 4.9, tf2onnx 1.17; CPU machine) and how each
+line is hidden:
+- During `import tensorflow`, twice (two of TF's shared libraries each carry absl):
+  "WARNING: All log messages before absl::InitializeLog() is called are written to
+  STDERR", "I... port.cc] oneDNN custom operations are on...", "I... cudart_stub.cc]
+  Could not find cuda drivers on your machine...". absl writes them straight to fd 2
+  before TF's logging exists, so TF_CPP_MIN_LOG_LEVEL cannot hide them
+  (tensorflow/tensorflow#37689, #100442). Hidden by pointing fd 2 at a temporary file
+  for the import only; afterwards every captured line not on HARMLESS is replayed, so
+  a real import problem is still seen.
+- "I... cpu_feature_guard.cc] This TensorFlow binary is optimized..." (two lines), later
+  in the import: obeys TF_CPP_MIN_LOG_LEVEL, and is on HARMLESS.
+- "E... cuda_platform.cc] failed call to cuInit: ... UNKNOWN ERROR (303)" when the first
+  op sets up the devices, after the import: TF_CPP_MIN_LOG_LEVEL=3.
+- C++ INFO/WARNING later on: tf2onnx's grappler pass ("devices.cc] Number of eligible
+  GPUs", "single_machine.cc] Starting new session"), tf.data ("tf_record_dataset_op.cc]
+  The default buffer size", "cache_dataset_ops.cc] The calling iterator did not fully
+  read", "generator_dataset_op.cc] Memory patch applied"), "mlir_graph_optimization_pass
+  .cc] MLIR V1 optimization pass is not enabled": TF_CPP_MIN_LOG_LEVEL >= 2.
+- Python logging, shown because training logs at INFO: absl INFO from
+  tf.saved_model.save ("Function `serve_bytes` contains input name(s) ... will be renamed
+  ...", hundreds of characters), tensorflow INFO/WARNING ("Assets written to",
+  "Restoring parameters from", "load (from tensorflow.python.saved_model.loader_impl) is
+  deprecated"), tfds via absl ("Load dataset info from", "Constructing tf.data.Dataset"),
+  tf2onnx INFO ("Using tensorflow=...", "Optimizing ONNX model"): the library loggers in
+  LIBRARY_LEVELS.
+oneDNN itself stays on (TF_ENABLE_ONEDNN_OPTS is never touched): bfloat16 speed needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import tempfile
+
+DEBUG_ENV = "TLKERAS_DEBUG"
+# 3 hides C++ ERROR lines too: the only ones seen are the cuInit failure of CPU-only
+# machines; real TF failures still arrive as Python exceptions.
+TF_LOG_LEVEL = "3"
+# Start-up lines known to be harmless (substrings), dropped from what fd 2 received during
+# `import tensorflow`; anything else captured there is replayed.
+HARMLESS = (
+    "All log messages before absl::InitializeLog() is called are written to STDERR",
+    "oneDNN custom operations are on",
+    "Could not find cuda drivers on your machine",
+    "This TensorFlow binary is optimized to use available CPU instructions",
+    "rebuild TensorFlow with the appropriate compiler flags",  # the second line of the above
+)
+LIBRARY_LEVELS = {
+    "tensorflow": logging.ERROR,  # deprecation and retracing notes: for tlkeras's developers
+    "absl": logging.WARNING,  # tfds and tf.saved_model log through absl
+    "tensorflow_datasets": logging.WARNING,
+    "tf2onnx": logging.WARNING,
+    "h5py": logging.WARNING,
+    "PIL": logging.WARNING,  # PNG chunk DEBUG lines when the root logger is at DEBUG
+    "matplotlib": logging.WARNING,
+}
+
+
+def debug_requested(flag: bool = False) -> bool:
+    """True with --debug or TLKERAS_DEBUG set to anything but '', '0', 'false', 'no'."""
+    return flag or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def quiet_libraries(debug: bool = False) -> None:
+    """Hides the start-up and progress chatter of TensorFlow and friends; keeps real errors.
+
+    Call it first in main(), before TensorFlow is imported: it sets TF_CPP_MIN_LOG_LEVEL
+    (to 3, unless the user set it: an explicit value is respected), imports TensorFlow
+    with fd 2 captured (see the module docstring) and sets the library loggers of
+    LIBRARY_LEVELS; tlkeras's own logging and Python warnings are untouched. If
+    TensorFlow is already imported, only the loggers and later C++ lines can be quieted.
+    With debug (--debug) or TLKERAS_DEBUG=1 it does nothing at all.
+    """
+    if debug_requested(debug):
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", TF_LOG_LEVEL)
+    import_quietly("tensorflow")
+    # After the import: absl must create its own "absl" logger (a subclass) first.
+    for name, level in LIBRARY_LEVELS.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def import_quietly(module: str) -> None:
+    """Imports `module` with fd 2 sent to a temporary file, then replays the captured
+    lines that match no HARMLESS pattern (also when the import fails).
+
+    A file, not a pipe: nothing reads a pipe during the import, and a full one would
+    block the writer. Only fd 2 of this process is touched, and only for the import.
+    """
+    if module in sys.modules:
+        return
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 at all (a daemon): nothing to keep quiet
+        importlib.import_module(module)
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            importlib.import_module(module)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines = capture.read().decode("utf-8", "replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not any(p in line for p in HARMLESS))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
