@@ -52,3 +52,13 @@ def test_conv_macs_counts_vgg16_and_the_trainable_part():
 
     big = build_model(ModelConfig(weights=None, image_size=64, head_units=16), bench.cifar10_info())
     assert bench.conv_macs(big)[0] == 4 * total  # the square of the side
+
+
+def test_runs_of_other_data_or_bases_are_refused_with_a_reason(tmp_path):
+    from tlkeras.config import Config, dump_yaml, load_config
+
+    (tmp_path / "config.yaml").write_text(dump_yaml(load_config(None, ["data.dataset=./photos"])))
+    with pytest.raises(bench.UserError, match="measures VGG16 runs on CIFAR-10"):
+        bench.run_config(tmp_path)
+    (tmp_path / "config.yaml").write_text(dump_yaml(Config()))
+    assert bench.run_config(tmp_path) == Config()

@@ -260,7 +260,8 @@ def test_carve_is_stratified_seeded_and_disjoint():
     (["train"], {}, {"train": "train[:80%]", "val": "train[80%:90%]", "test": "train[90%:]"}),
     (["train", "validation", "test"], {}, {"train": "train", "val": "validation", "test": "test"}),
     (["train", "validation"], {}, {"train": "train[:90%]", "val": "train[90%:100%]", "test": "validation"}),
-    (["train", "test"], {"val": "test[:50%]"}, {"train": "train", "val": "test[:50%]", "test": "test"}),
+    # An explicit val reading 'test' takes it: the reported number comes from a carve instead.
+    (["train", "test"], {"val": "test[:50%]"}, {"train": "train[:90%]", "val": "test[:50%]", "test": "train[90%:]"}),
 ])  # fmt: skip
 def test_automatic_tfds_splits(available, explicit, expected):
     explicit = {"train": None, "val": None, "test": None, **explicit}
@@ -289,7 +290,7 @@ def test_overlapping_splits_are_named_in_a_warning(tmp_path, caplog):
     root = make_image_folder(tmp_path / "d", {"a": 10, "b": 10})
     make(folder_cfg(root, image_size=16, train_split="train", val_split="train[:25%]", test_split="train[90%:]"))
     assert "the train split (train) and the val split (train[:25%]) share 5 examples" in caplog.text
-    assert "the val split" in caplog.text and "share 2 examples" in caplog.text
+    assert "the train split (train) and the test split (train[90%:]) share 2 examples" in caplog.text
 
 
 def test_overlapping_tfds_splits_are_named_in_a_warning(assets, caplog):
@@ -297,3 +298,62 @@ def test_overlapping_tfds_splits_are_named_in_a_warning(assets, caplog):
                      val_split="train[4000:6000]", test_split="test[:100]", cache=False)  # fmt: skip
     make(cfg, model_size=32)
     assert "the train split (train[:5000]) and the val split (train[4000:6000]) share 1000 examples" in caplog.text
+
+
+def test_split_folder_names_in_any_case_and_only_train_and_test(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"Train/a": 8, "Train/b": 8, "TEST/a": 2, "TEST/b": 3})
+    info = make(folder_cfg(root, image_size=16)).info
+    # test/ is published, so only val is carved (10% of 8 per class: 1 each).
+    assert (info.num_train, info.num_val, info.num_test) == (14, 2, 5)
+    assert info.splits["test"] == "test folder"
+
+
+def test_an_explicit_train_string_reads_what_the_carves_left(tmp_path, caplog):
+    root = make_image_folder(tmp_path / "d", {"a": 20, "b": 20})
+    splits = make(folder_cfg(root, image_size=16, train_split="train[:50%]", val_fraction=0.2, test_fraction=0.2))
+    assert (splits.num_val, splits.num_test, splits.num_train) == (8, 8, 12)  # half of the 24 left
+    assert "share" not in caplog.text  # no overlap with the carves
+
+
+def test_small_classes_still_give_val_and_test_images():
+    from tlkeras.policies import carve_counts
+
+    assert carve_counts(5, 0.1, 0.1) == (1, 1)  # half up, not Python's round(0.5) == 0
+    assert carve_counts(15, 0.1, 0.1) == (2, 2)
+    assert sum(carve_counts(2, 0.5, 0.5)) == 1  # one always stays in train
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"val/a": 2, "test/a": 2}, "has split folders (test, val/) but no train/"),
+    ({"train/a": 2, "val/a": 2, "validation/a": 2}, "has both val/ and validation/; keep one"),
+    ({"bus": 3, "car": 3, "train": 3}, "a class named like a split must be renamed"),
+])  # fmt: skip
+def test_ambiguous_layouts_are_refused(tmp_path, layout, message):
+    root = make_image_folder(tmp_path / "d", layout)
+    with pytest.raises(UserError) as e:
+        make(folder_cfg(root, image_size=16))
+    assert message in str(e.value)
+
+
+def test_an_empty_class_folder_is_refused_by_name(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"a": 3, "b": 3})
+    (root / "c").mkdir()
+    (root / "c" / "readme.txt").write_text("no images here")
+    with pytest.raises(UserError, match=r"class folder '.*c' holds no images"):
+        make(folder_cfg(root, image_size=16))
+
+
+def test_a_carve_of_zero_names_the_fraction(tmp_path):
+    root = make_image_folder(tmp_path / "d", {"a": 5, "b": 5})
+    with pytest.raises(ConfigError, match=r"data.val_fraction=0.0 but the val split must be carved"):
+        make(folder_cfg(root, image_size=16, val_fraction=0.0))
+
+
+def test_symlinked_folders_are_followed_and_loops_are_not(tmp_path):
+    elsewhere = make_image_folder(tmp_path / "elsewhere", {"more": 4})
+    root = make_image_folder(tmp_path / "d", {"a": 5, "b": 5})
+    (root / "a" / "linked").symlink_to(elsewhere / "more", target_is_directory=True)
+    (root / "b" / "loop").symlink_to(root / "b", target_is_directory=True)
+    (root / "b" / "gone.png").symlink_to(tmp_path / "missing.png")
+    info = make(folder_cfg(root, image_size=16, val_fraction=0.1, test_fraction=0.1)).info
+    assert info.num_train + info.num_val + info.num_test == 14  # 5 + 4 linked, and b's 5 once

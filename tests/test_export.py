@@ -11,7 +11,7 @@ import tensorflow as tf
 
 from conftest import CIFAR_NAMES, tiny_info
 from tlkeras import export
-from tlkeras.images import decode_in_graph
+from tlkeras.images import decode_in_graph, fit_square
 
 RNG = np.random.default_rng(0)
 IMAGES = RNG.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
@@ -215,6 +215,9 @@ def test_export_contract_at_another_size_and_class_count(tmp_path):
     onnx_out = export.run_onnx(record["onnx"], x)
     assert np.abs(onnx_out["probabilities"] - ref).max() <= 1e-4
     # Any file through predict_bytes: decoded and fitted to 40x40 in the graph.
-    big = np.kron(x[0], np.ones((2, 2, 1), np.uint8))
+    big = np.kron(x[0], np.ones((2, 2, 1), np.uint8))[:, :70]  # 80x70: cropped, then resized
     by_bytes = loaded.signatures["predict_bytes"](image_bytes=tf.constant([encode(big, "png")]))
-    assert by_bytes["probabilities"].shape == (1, 5)
+    fitted = fit_square(tf.constant(big), 40)[None]
+    by_pixels = loaded.signatures["serving_default"](images=fitted)
+    np.testing.assert_allclose(by_bytes["probabilities"], by_pixels["probabilities"], atol=1e-6)
+    assert by_bytes["labels"].numpy().tolist() == by_pixels["labels"].numpy().tolist()

@@ -83,3 +83,28 @@ def test_unfreeze_start_mobilenet_v2_blocks_are_whole_names():
         with pytest.raises(ConfigError, match=rf"'{bad}' names no MobileNetV2 layer; .*"
                                               r"\(block_1, block_13, block_16, Conv_1\) .*'block_16_expand'"):
             unfreeze_start(MOBILENET_LAYERS, MOBILENET_BLOCKS, bad, "MobileNetV2")
+
+
+def test_final_phase_is_the_best_by_validation_accuracy_later_on_ties():
+    from tlkeras.policies import final_phase
+
+    assert final_phase({"head": 0.95, "finetune": 0.97}) == "finetune"
+    assert final_phase({"head": 0.96, "finetune": 0.94}) == "head"  # fine-tuning made it worse
+    assert final_phase({"head": 1.0, "finetune": 1.0}) == "finetune"
+    assert final_phase({"head": 0.5}) == "head"
+
+
+@pytest.mark.parametrize("available, explicit, expected", [
+    (["train", "test"], {}, {"train": None, "val": None, "test": "test"}),
+    (["train"], {}, {"train": None, "val": None, "test": None}),
+    (["train", "validation", "test"], {}, {"train": None, "val": "validation", "test": "test"}),
+    (["train", "validation"], {}, {"train": None, "val": None, "test": "validation"}),  # never both
+    (["train", "validation"], {"test": "train[:10]"}, {"train": None, "val": "validation", "test": "train[:10]"}),
+    (["train", "validation", "test"], {"test": "validation"}, {"train": None, "val": None, "test": "validation"}),
+    (["train", "validation"], {"val": "val[:50%]"}, {"train": None, "val": "val[:50%]", "test": None}),
+])  # fmt: skip
+def test_assign_splits_never_reports_on_the_split_that_picks_the_epoch(available, explicit, expected):
+    from tlkeras.policies import assign_splits
+
+    explicit = {"train": None, "val": None, "test": None, **explicit}
+    assert assign_splits(available, explicit) == expected

@@ -398,3 +398,52 @@ def test_sigkill_mid_epoch_in_both_phases_then_resume(assets, tmp_path):
     assert killed["resumed"] is True
     assert abs(killed["test_accuracy"] - reference["test_accuracy"]) <= 0.06, (killed["test_accuracy"], reference["test_accuracy"])
     assert killed["test_accuracy"] > 0.4
+
+
+def test_the_shipped_weights_are_the_chosen_phase_s(mock_cifar, tmp_path):
+    from tlkeras import training
+
+    cfg = load_config(None, tiny_overrides())
+    with mock.patch.object(training, "final_phase", lambda scores: "head"):  # as if fine-tuning lost
+        summary = train_and_evaluate(cfg, tmp_path)
+    assert summary["final_phase"] == "head"
+    head = build_model(cfg.model, rundir.load_dataset(tmp_path), load_weights=False)
+    head.load_weights(tmp_path / "checkpoints" / "head_best.weights.h5")
+    assert summary["weights_sha256"] == training.weights_fingerprint(head)
+    assert summary["val_accuracy"] == summary["phases"]["head"]["val_accuracy"]
+
+
+def test_a_tied_epoch_replaces_the_checkpoint(tmp_path):
+    """With 24 validation photos accuracy ties are common: the later (longer-trained) epoch wins."""
+    import numpy as np
+
+    from tlkeras.training import WholeModelCheckpoint
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    path = tmp_path / "best.weights.h5"
+    ckpt = WholeModelCheckpoint(model, str(path), monitor="val_accuracy", mode="max",
+                                save_best_only=True, save_weights_only=True)  # fmt: skip
+    ckpt.set_model(model)
+    ckpt.on_epoch_end(0, {"val_accuracy": 0.5})
+    first = path.read_bytes()
+    model.set_weights([w + 1 for w in model.get_weights()])
+    ckpt.on_epoch_end(1, {"val_accuracy": 0.5})  # a tie
+    assert path.read_bytes() != first
+    again = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    again.load_weights(path)
+    np.testing.assert_array_equal(again.get_weights()[1], model.get_weights()[1])
+    model.set_weights([w + 1 for w in model.get_weights()])
+    ckpt.on_epoch_end(2, {"val_accuracy": 0.4})  # worse: kept
+    again.load_weights(path)
+    assert not np.array_equal(again.get_weights()[1], model.get_weights()[1])
+
+
+def test_mobilenet_v2_runs_both_phases_and_exports_behind_the_parity_gate(mock_cifar, tmp_path):
+    cfg = load_config(None, tiny_overrides(**{"model.backbone": "mobilenet_v2", "finetune.unfreeze": "block_16",
+                                              "export.enabled": "true", "runtime.mixed_precision": "float32"}))
+    summary = train_and_evaluate(cfg, tmp_path)
+    head, ft = summary["phases"]["head"], summary["phases"]["finetune"]
+    assert ft["trainable_parameters"] > head["trainable_parameters"]
+    (record,) = summary["exports"]
+    assert record["parity"]["onnx"]["identical_classes"] and record["parity"]["savedmodel"]["identical_classes"]
+    assert read_epochs(tmp_path) == [0, 1]

@@ -60,7 +60,8 @@ class StandIn:
         with self._lock:
             out = fn(**{k: _tensor(v, specs[k]) for k, v in inputs.items()})
         # REST answers strings as JSON strings, as TF Serving does.
-        return {k: v.numpy().astype(str) if v.dtype == tf.string else v.numpy() for k, v in out.items()}
+        decode = np.vectorize(lambda b: b.decode("utf-8"), otypes=[object])
+        return {k: decode(v.numpy()) if v.dtype == tf.string else v.numpy() for k, v in out.items()}
 
     # --- REST -------------------------------------------------------------------------
     def rest_predict(self, name: str, body: dict) -> tuple[int, dict]:
@@ -74,12 +75,12 @@ class StandIn:
             rows = [r[input_name] if isinstance(r, dict) else r for r in body["instances"]]
             out = self.run(signature, {input_name: _decode(rows)})
             n = len(rows)
-            return 200, {"predictions": [{k: v[i].tolist() for k, v in out.items()} for i in range(n)]}
+            return 200, {"predictions": [{k: np.asarray(v[i]).tolist() for k, v in out.items()} for i in range(n)]}
         if "inputs" in body:
             inputs = body["inputs"]
             values = inputs[input_name] if isinstance(inputs, dict) else inputs
             out = self.run(signature, {input_name: _decode(values)})
-            return 200, {"outputs": {k: v.tolist() for k, v in out.items()}}
+            return 200, {"outputs": {k: np.asarray(v).tolist() for k, v in out.items()}}
         return 400, {"error": "Missing 'inputs' or 'instances' key"}
 
     def rest_metadata(self, name: str) -> tuple[int, dict]:
@@ -139,7 +140,8 @@ class StandIn:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)[:300])
                 response = predict_pb2.PredictResponse()
                 for k, v in out.items():
-                    v = v.astype(bytes) if v.dtype.kind == "U" else v
+                    if v.dtype == object:  # strings: back to UTF-8 bytes for the tensor proto
+                        v = np.vectorize(lambda t: t.encode("utf-8"), otypes=[object])(v)
                     response.outputs[k].CopyFrom(tf.make_tensor_proto(v))
                 return response
 

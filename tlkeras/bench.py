@@ -389,7 +389,14 @@ def run_config(run_dir: Path | None):
         return None
     from tlkeras.config import load_config
 
-    return load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml")
+    if (cfg.data.dataset, cfg.model.backbone) != ("cifar10", "vgg16"):
+        # Its baselines (the keras.io recipe on tfds CIFAR-10, VGG16 MAC counts) are CIFAR-10's.
+        raise UserError(
+            f"the benchmark measures VGG16 runs on CIFAR-10; '{run_dir}' trained "
+            f"{cfg.model.backbone} on {cfg.data.dataset}: pass a CIFAR-10 VGG16 run, or no --run-dir"
+        )
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:

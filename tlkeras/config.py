@@ -226,10 +226,27 @@ def preflight(cfg: Config, run_dir: Path) -> None:
         spec = getattr(cfg.data, key)
         if spec is not None:
             _check_split(f"data.{key}", spec)
+    if not _chief_by_tf_config():  # other workers only read the run folder
+        return
     existing = next(p for p in (run_dir.resolve(), *run_dir.resolve().parents) if p.exists())
     if not os.access(existing, os.W_OK) or (existing == run_dir.resolve() and not existing.is_dir()):
         raise UserError(f"run folder '{run_dir}' is not writable ('{existing}' is not a writable "
                         f"folder); pass a writable --run-dir")  # fmt: skip
+
+
+def _chief_by_tf_config() -> bool:
+    """True unless TF_CONFIG names this process a non-chief worker (malformed: let the
+    strategy say so)."""
+    import json
+
+    from tlkeras.policies import is_chief
+
+    try:
+        tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+        task = tf_config.get("task", {})
+        return is_chief(task.get("type"), task.get("index"), "chief" in tf_config.get("cluster", {}))
+    except (ValueError, AttributeError):
+        return True
 
 
 def _check_split(key: str, spec: str) -> None:
@@ -241,8 +258,10 @@ def _check_split(key: str, spec: str) -> None:
     try:
         instruction = tfds.core.ReadInstruction.from_spec(spec)
         names = {part.split("[")[0] for part in spec.replace(" ", "").split("+")}
-        parts = instruction.to_absolute({n: SimpleNamespace(num_examples=10**6) for n in names})
-    except (ValueError, AssertionError) as e:
+        # Any size: only the syntax and slices empty at every size (train[90%:90%]) are refused.
+        sizes = {n: SimpleNamespace(num_examples=2**62, shard_lengths=[2**62]) for n in names}
+        parts = instruction.to_absolute(sizes)
+    except (ValueError, AssertionError, AttributeError, TypeError) as e:
         raise ConfigError(
             f"{key}={spec!r} is not a valid tfds split ({str(e).splitlines()[0]}); "
             f"examples: 'train', 'train[:90%]', 'train[:5000]', 'test[:2000]'"

@@ -29,15 +29,15 @@ import tensorflow_datasets as tfds
 
 from tlkeras.config import DataConfig, is_folder
 from tlkeras.errors import ConfigError, UserError
-from tlkeras.images import ImageError, decode_file, fit_square
-from tlkeras.policies import carve_counts, storage_size
+from tlkeras.images import FILE_LIMITS, ImageError, decode_file, fit_square
+from tlkeras.policies import assign_splits, carve_counts, storage_size
 
 log = logging.getLogger("tlkeras")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # what the folder scan reads
 SYSTEM_FILES = ("thumbs.db", "desktop.ini")  # besides hidden files, never images
 SPLIT_FOLDERS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
-SCAN_VERSION = 1  # bump when decoding changes, so cached scans are redone
+SCAN_VERSION = 2  # bump when decoding changes, so cached scans are redone
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,10 @@ def _tfds_source(cfg: DataConfig, model_size: int):
         image = example[image_key]
         if image.shape[-1] == 1:  # grayscale datasets (e.g. mnist): the bases want RGB
             image = tf.image.grayscale_to_rgb(image)
+        elif image.shape[-1] == 4:  # RGBA: transparency on white, as image files are read
+            alpha = tf.cast(image[..., 3:], tf.float32)
+            image = tf.cast(tf.round((tf.cast(image[..., :3], tf.float32) * alpha
+                                      + 255.0 * (255.0 - alpha)) / 255.0), tf.uint8)  # fmt: skip
         return fit_square(image, size), example[label_key]
 
     if builder.info.splits:  # sizes known: say whether the roles share examples
@@ -210,36 +214,27 @@ def _tfds_source(cfg: DataConfig, model_size: int):
     for role, spec in specs.items():
         ds = load_split(cfg, spec, f"{role}_split").map(to_pairs, num_parallel_calls=tf.data.AUTOTUNE)
         datasets[role] = ds
-    return datasets, class_names, size, specs
+    return datasets, class_names, size, specs, None
 
 
 def auto_tfds_splits(available: list[str], explicit: dict, val_fraction: float,
                      test_fraction: float) -> dict[str, str]:  # fmt: skip
-    """Split strings for the roles left null: published splits first, else carved from train.
-
-    test: 'test', else 'validation' (then validation is carved from train); val:
-    'validation' if still free, else the last `val_fraction` of train, in whole percents
-    (tfds slicing); train: the rest of 'train'.
-    """
-    specs = dict(explicit)
-    free = [s for s in ("test", "validation") if s in available]
-    carve_test = carve_val = 0
+    """Split strings for every role: policies.assign_splits, with the carves as the last
+    `val_fraction` and `test_fraction` of 'train' in whole percents (tfds slicing)."""
+    specs = assign_splits(available, explicit)
+    for role, fraction in (("val", val_fraction), ("test", test_fraction)):
+        if specs[role] is None and round(100 * fraction) < 1:
+            raise ConfigError(
+                f"data.{role}_fraction={fraction} carves less than 1% of train for the {role} split "
+                f"(tfds slices whole percents); raise it, or set data.{role}_split"
+            )
+    end = 100
     if specs["test"] is None:
-        if free:
-            specs["test"] = free.pop(0)
-        else:
-            carve_test = round(100 * test_fraction)
-    if specs["val"] is None:
-        if "validation" in free:
-            specs["val"] = "validation"
-        else:
-            carve_val = round(100 * val_fraction)
-    end = 100 - carve_test
-    if carve_test:
+        end -= round(100 * test_fraction)
         specs["test"] = f"train[{end}%:]"
-    if carve_val:
-        specs["val"] = f"train[{end - carve_val}%:{end}%]"
-        end -= carve_val
+    if specs["val"] is None:
+        start = end - round(100 * val_fraction)
+        specs["val"], end = f"train[{start}%:{end}%]", start
     if specs["train"] is None:
         specs["train"] = f"train[:{end}%]" if end < 100 else "train"
     return specs
@@ -253,13 +248,23 @@ def _visible(name: str) -> bool:
 
 
 def _class_files(class_dir: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) under one class folder, recursively, sorted."""
-    images, other = [], []
-    for p in sorted(class_dir.rglob("*")):
-        if not p.is_file() or not all(_visible(q) for q in p.relative_to(class_dir).parts):
+    """(image files, other files) under one class folder, recursively, sorted; symlinked
+    folders are followed once (a link loop is not), broken links count as other files."""
+    images, other, seen = [], [], set()
+    for folder, dirs, files in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
             continue
-        (images if p.suffix.lower() in IMAGE_EXTENSIONS else other).append(p)
-    return images, other
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if _visible(d))
+        for name in sorted(files):
+            p = Path(folder) / name
+            if not _visible(name):
+                continue
+            is_image = p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+            (images if is_image else other).append(p)
+    return sorted(images), other
 
 
 def list_folder(root: Path, key: str = "data.dataset") -> tuple[dict[str, dict[str, list[Path]]], list[Path], bool]:
@@ -270,21 +275,33 @@ def list_folder(root: Path, key: str = "data.dataset") -> tuple[dict[str, dict[s
                         f"(<root>/<class>/<image>) or a tfds dataset name")  # fmt: skip
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p.name))
     split_dirs = [p for p in subdirs if p.name.lower() in SPLIT_FOLDERS]
-    if any(p.name.lower() == "train" for p in split_dirs):
+    if split_dirs and len(split_dirs) < len(subdirs):
         others = [p.name for p in subdirs if p not in split_dirs]
-        if others:
-            raise UserError(
-                f"{key}='{root}' mixes split folders (train/) with other folders "
-                f"({', '.join(others[:3])}); use <root>/<split>/<class>/ or <root>/<class>/, not both"
-            )
-        layout = {p.name: p for p in split_dirs}
-    else:
-        layout = {"train": root}
+        raise UserError(
+            f"{key}='{root}' mixes split folders ({', '.join(p.name for p in split_dirs)}/) with "
+            f"other folders ({', '.join(others[:3])}); use <root>/<split>/<class>/ or "
+            f"<root>/<class>/, not both (a class named like a split must be renamed)"
+        )
+    layout = {}
+    for p in split_dirs:  # 'Val', 'validation' and 'val' are one split: 'validation'
+        name = SPLIT_FOLDERS[p.name.lower()]
+        if name in layout:
+            raise UserError(f"{key}='{root}' has both {layout[name].name}/ and {p.name}/; keep one")
+        layout[name] = p
+    if split_dirs and "train" not in layout:
+        raise UserError(f"{key}='{root}' has split folders ({', '.join(p.name for p in split_dirs)}/) "
+                        f"but no train/; add train/<class>/<image>")  # fmt: skip
+    layout = layout or {"train": root}
     tree, ignored = {}, []
     for split, folder in layout.items():
         classes = {}
         for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name)):
             images, other = _class_files(class_dir)
+            if not images:
+                raise UserError(
+                    f"class folder '{class_dir}' holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                    f"add some or remove the folder"
+                )
             ignored += other
             classes[class_dir.name] = images
         if not any(classes.values()):
@@ -300,10 +317,10 @@ def list_folder(root: Path, key: str = "data.dataset") -> tuple[dict[str, dict[s
         if found != reference:
             extra = sorted(set(found) ^ set(reference))
             raise UserError(
-                f"{key}='{root}': the class folders of {split}/ differ from train/ "
+                f"{key}='{root}': the class folders of {layout[split].name}/ differ from {layout['train'].name}/ "
                 f"({', '.join(extra[:5])}); every split folder needs the same class subfolders"
             )
-    return tree, ignored, layout == {"train": root}
+    return tree, ignored, split_dirs == []
 
 
 def _scan_cache_dir() -> Path:
@@ -314,7 +331,7 @@ def _scan_cache_dir() -> Path:
 
 def _check(path: Path) -> str | None:
     try:
-        decode_file(path)
+        decode_file(path, **FILE_LIMITS)
         return None
     except ImageError as e:
         return str(e)
@@ -414,50 +431,39 @@ def _folder_source(cfg: DataConfig, model_size: int, seed: int):
                     f"class '{c}' in '{root}' has no readable images ({len(tree[split][c])} "
                     f"files, none decodes; e.g. {bad[str(tree[split][c][0])]})"
                 )
-    # Split-folder names as tfds split names: 'val' and 'validation' both answer to either.
-    pools = {}
-    for split, classes in good.items():
-        pool = [(p, class_names.index(c)) for c, files in sorted(classes.items()) for p in files]
-        pools[split] = pool
-        if SPLIT_FOLDERS.get(split.lower()) == "validation":
-            pools.update(val=pool, validation=pool)
-    folders = {SPLIT_FOLDERS.get(s.lower(), s) for s in good}
+    # Split folders as tfds split names ('val' answers for 'validation').
+    pools = {split: [(p, class_names.index(c)) for c, files in sorted(classes.items()) for p in files]
+             for split, classes in good.items()}  # fmt: skip
+    if "validation" in pools:
+        pools["val"] = pools["validation"]
     explicit = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}
+    specs = assign_splits(list(good), explicit)
+    fractions = (carve_fraction(cfg, "val", specs), carve_fraction(cfg, "test", specs))
+    carved = dict(zip(("train", "val", "test"), carve(good["train"], fractions, seed)))
+    if any(fractions):  # an explicit train string reads what the carves left
+        pools["train"] = carved["train"]
+    where = "the folder" if flat else "train/"
     lists, source = {}, {}
-    source_train = "the folder" if flat else "train/"
-    carve_val = explicit["val"] is None and "validation" not in folders
-    carve_test = explicit["test"] is None and "test" not in folders and "validation" not in folders
-    if explicit["test"] is None and "test" not in folders and "validation" in folders:
-        carve_val = explicit["val"] is None  # val/ becomes the test split; pick epochs on a carve
-    fractions = (cfg.val_fraction if carve_val else 0.0, cfg.test_fraction if carve_test else 0.0)
-    tr, va, te = carve(good["train"], fractions, seed)
-    for role in ("train", "val", "test"):
-        if explicit[role] is not None:
-            lists[role], source[role] = _folder_slice(explicit[role], f"{role}_split", pools, seed), explicit[role]
-    if "train" not in lists:
-        lists["train"] = tr
-        carved = [f"{role} {fraction:.0%}" for role, fraction in zip(("val", "test"), fractions) if fraction]
-        source["train"] = source_train + (f" minus carved {', '.join(carved)}" if carved else "")
-    if "val" not in lists:
-        if carve_val:
-            lists["val"], source["val"] = va, f"{source_train}, stratified {cfg.val_fraction:.0%} (seed {seed})"
+    for role, spec in specs.items():
+        if spec is not None:
+            lists[role] = _folder_slice(spec, f"{role}_split", pools, seed)
+            source[role] = spec if explicit[role] is not None else f"{spec} folder"
+        elif role == "train":
+            lists[role] = carved[role]
+            cuts = [f"{r} {f:.0%}" for r, f in zip(("val", "test"), fractions) if f]
+            source[role] = where + (f" minus stratified {', '.join(cuts)}" if cuts else "")
         else:
-            lists["val"], source["val"] = pools["validation"], "validation folder"
-    if "test" not in lists:
-        if carve_test:
-            lists["test"], source["test"] = te, f"{source_train}, stratified {cfg.test_fraction:.0%} (seed {seed})"
-        elif "test" in folders:
-            lists["test"], source["test"] = pools["test"], "test/"
-        else:
-            lists["test"], source["test"] = pools["validation"], "validation folder (val/)"
-    members = {role: {str(p) for p, _ in pairs} for role, pairs in lists.items()}
+            lists[role] = carved[role]
+            source[role] = f"{where}, stratified {fractions[role == 'test']:.0%} (seed {seed})"
+    members = {role: {os.path.realpath(p) for p, _ in pairs} for role, pairs in lists.items()}
     warn_overlap(list(members), lambda a, b: len(members[a] & members[b]), source)
     size = storage_size(cfg.image_size, None, model_size)
 
     def read(path):
         # Pillow, not tf.io: EXIF orientation, transparency and GIF/BMP decoded as a
         # viewer shows them, exactly as `predict` reads a file.
-        image = tf.numpy_function(lambda p: decode_file(p.decode()), [path], tf.uint8, stateful=False)
+        image = tf.numpy_function(lambda p: decode_file(p.decode(), **FILE_LIMITS), [path], tf.uint8,
+                                  stateful=False)  # fmt: skip
         image.set_shape([None, None, 3])
         return fit_square(image, size)
 
@@ -473,10 +479,23 @@ def _folder_source(cfg: DataConfig, model_size: int, seed: int):
         labels = tf.constant([y for _, y in pairs], tf.int64)
         ds = tf.data.Dataset.from_tensor_slices((paths, labels))
         datasets[role] = ds.map(lambda p, y: (read(p), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return datasets, class_names, size, source
+    return datasets, class_names, size, source, [y for _, y in lists["train"]]
 
 
 # ---------------------------------------------------------------------------- both
+
+
+def carve_fraction(cfg: DataConfig, role: str, specs: dict) -> float:
+    """The share of train carved for `role` (0 when it reads a split); a carve of 0 is refused."""
+    if specs[role] is not None:
+        return 0.0
+    fraction = getattr(cfg, f"{role}_fraction")
+    if fraction <= 0:
+        raise ConfigError(
+            f"data.{role}_fraction={fraction} but the {role} split must be carved from train "
+            f"(no published split is free for it); set data.{role}_fraction above 0 or data.{role}_split"
+        )
+    return fraction
 
 
 def warn_overlap(roles: list[str], shared, described: dict[str, str]) -> None:
@@ -530,14 +549,15 @@ def make_datasets(cfg: DataConfig, seed: int = 0, model_size: int = 224) -> Spli
     Raises UserError / ConfigError for a missing dataset or folder, bad split strings,
     a folder with fewer than 2 classes or unreadable classes, and empty splits.
     """
-    kind, datasets, class_names, size, source = _sources(cfg, seed, model_size)
+    kind, datasets, class_names, size, source, train_labels = _sources(cfg, seed, model_size)
     train, val, test = datasets["train"], datasets["val"], datasets["test"]
     auto = tf.data.AUTOTUNE
     if cfg.cache:
         train, val, test = train.cache(), val.cache(), test.cache()
     counts = [_count(d, f"{role}_split", source[role]) for d, role in ((train, "train"), (val, "val"), (test, "test"))]
-    # One pass over the labels (which also fills the cache the first epoch would fill).
-    labels = np.concatenate([y for _, y in train.batch(4096).as_numpy_iterator()])
+    if train_labels is None:  # tfds: one pass, which also fills the cache the first epoch would
+        train_labels = np.concatenate([y for _, y in train.batch(4096).as_numpy_iterator()])
+    labels = np.asarray(train_labels, np.int64)
     per_class = np.bincount(labels, minlength=len(class_names))
     info = DatasetInfo(
         name=cfg.dataset, source=kind, class_names=class_names, image_size=size,

@@ -138,7 +138,7 @@ def save_onnx(module, path: Path, class_names: tuple[str, ...]) -> None:
         proto.metadata_props.add(key=key, value=value)
     onnx.save(proto, str(path))
     onnx.checker.check_model(str(path), full_check=True)
-    (path.parent / LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names))
+    (path.parent / LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
 
 
 def run_tf1_session(path: Path, images: np.ndarray, chunk: int = 256) -> dict[str, np.ndarray]:

@@ -37,6 +37,9 @@ if TYPE_CHECKING:  # TensorFlow is imported inside the functions: nothing heavy 
 FORMATS = ("JPEG", "PNG", "BMP", "GIF")
 MAX_IMAGE_BYTES = 16 * 2**20
 MAX_IMAGE_PIXELS = 4096 * 4096  # refuse before decoding: a 30k x 30k PNG is 2.7 GB of RAM
+# Files read on the user's own machine (training folders, `predict`) may be larger: a
+# 48-megapixel phone photo is an ordinary input there. Still far below a decompression bomb.
+FILE_LIMITS = {"max_bytes": 64 * 2**20, "max_pixels": 10_000 * 10_000}
 # Transparent pixels become this colour (RGB). White, not the stored colour: PNG and GIF
 # editors often leave black or arbitrary values under alpha 0, which a model would see.
 BACKGROUND = (255, 255, 255)
@@ -103,19 +106,21 @@ def _looks_like_text(data: bytes) -> bool:
     return bool(text) and all(c.isprintable() or c in "\t\n\r\f\v" for c in text)
 
 
-def _too_big(name: str, size: int) -> ImageError:
+def _too_big(name: str, size: int, limit: int = MAX_IMAGE_BYTES) -> ImageError:
+    mib = f"{limit // 2**20} MiB"
     return ImageError(
-        f"'{name}': file is {size / 2**20:.1f} MiB, over the {_MIB} limit; "
-        f"downscale or re-encode it below {_MIB}"
+        f"'{name}': file is {size / 2**20:.1f} MiB, over the {mib} limit; "
+        f"downscale or re-encode it below {mib}"
     )
 
 
-def decode_bytes(data: bytes, name: str = "image") -> np.ndarray:
+def decode_bytes(data: bytes, name: str = "image", max_bytes: int = MAX_IMAGE_BYTES,
+                 max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:  # fmt: skip
     """An encoded JPEG/PNG/BMP/GIF file -> uint8 RGB pixels [H, W, 3], upright, opaque.
 
     Checks, in order (each an ImageError `'<name>': <reason>; <fix>` on one line): empty;
-    over MAX_IMAGE_BYTES; not one of FORMATS by its magic bytes (names what it is: WEBP,
-    TIFF, HEIC, text...); unreadable header; over MAX_IMAGE_PIXELS by the header's size,
+    over `max_bytes`; not one of FORMATS by its magic bytes (names what it is: WEBP,
+    TIFF, HEIC, text...); unreadable header; over `max_pixels` by the header's size,
     before any pixel is decoded; truncated or corrupt pixel data. Pillow's exceptions
     never escape.
     Then: GIF -> first frame; EXIF orientation applied (`ImageOps.exif_transpose`; phone
@@ -126,8 +131,8 @@ def decode_bytes(data: bytes, name: str = "image") -> np.ndarray:
     """
     if not data:
         raise ImageError(f"'{name}': empty file (0 bytes); pass a {_ONE_OF} image")
-    if len(data) > MAX_IMAGE_BYTES:
-        raise _too_big(name, len(data))
+    if len(data) > max_bytes:
+        raise _too_big(name, len(data), max_bytes)
     fmt = sniff_format(data)
     if fmt is None:
         raise ImageError(f"'{name}': {_describe_other(data)}; {_READS}: convert it")
@@ -141,10 +146,11 @@ def decode_bytes(data: bytes, name: str = "image") -> np.ndarray:
             f"'{name}': corrupt or truncated {fmt} header; re-save the image or pass another file"
         ) from None
     width, height = im.size
-    if width * height > MAX_IMAGE_PIXELS:
+    if width * height > max_pixels:
+        side = math.isqrt(max_pixels)
         raise ImageError(
             f"'{name}': {width}x{height} image ({width * height} pixels) is over the "
-            f"{_SIDE}x{_SIDE} limit ({MAX_IMAGE_PIXELS} pixels); downscale it"
+            f"{side}x{side} limit ({max_pixels} pixels); downscale it"
         )
     try:
         im.load()  # for GIF: the first frame, where the file is positioned after opening
@@ -188,7 +194,8 @@ def composite_over_background(rgba: np.ndarray) -> np.ndarray:
     return np.round((rgb * alpha + background * (255 - alpha)) / 255).astype(np.uint8)
 
 
-def decode_file(path: str | os.PathLike) -> np.ndarray:
+def decode_file(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES,
+                max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:  # fmt: skip
     """decode_bytes on a file's contents: uint8 RGB [H, W, 3].
 
     The size is checked with stat() before anything is read, and the read is bounded, so
@@ -199,13 +206,13 @@ def decode_file(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     try:
         size = path.stat().st_size
-        if size > MAX_IMAGE_BYTES:
-            raise _too_big(str(path), size)
+        if size > max_bytes:
+            raise _too_big(str(path), size, max_bytes)
         with path.open("rb") as f:
-            data = f.read(MAX_IMAGE_BYTES + 1)  # +1: a file that grew is still caught
+            data = f.read(max_bytes + 1)  # +1: a file that grew is still caught
     except OSError as e:
         raise ImageError(f"'{path}': cannot read it ({e.strerror}); check the path") from None
-    return decode_bytes(data, str(path))
+    return decode_bytes(data, str(path), max_bytes, max_pixels)
 
 
 def upright_bytes(data: bytes, name: str = "image") -> bytes:

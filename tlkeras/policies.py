@@ -123,8 +123,9 @@ def storage_size(requested: int | None, native: int | None, model_size: int) -> 
 
 
 def carve_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
-    """(val, test) images carved from one class of n: rounded shares, one kept for train."""
-    n_val, n_test = round(n * val_fraction), round(n * test_fraction)
+    """(val, test) images carved from one class of n: shares rounded half up (not Python's
+    half-to-even: 5 images at 0.1 give 1), at least one image kept for train."""
+    n_val, n_test = math.floor(n * val_fraction + 0.5), math.floor(n * test_fraction + 0.5)
     while n_val + n_test >= n and (n_val or n_test):  # a class never vanishes from train
         if n_val >= n_test:
             n_val -= 1
@@ -139,3 +140,35 @@ def balanced_class_weights(counts: list[int]) -> dict[int, float]:
     'balanced' rule). Classes with no examples get weight 0."""
     total, k = sum(counts), len(counts)
     return {i: (total / (k * c) if c else 0.0) for i, c in enumerate(counts)}
+
+
+def final_phase(val_accuracy: dict[str, float]) -> str:
+    """The phase whose best weights are shipped: the highest validation accuracy, the later
+    phase on a tie (fine-tuning that only matches the head is kept). Phases in run order."""
+    order = list(val_accuracy)
+    score = {p: v if math.isfinite(v) else -math.inf for p, v in val_accuracy.items()}  # NaN never wins
+    return max(order, key=lambda phase: (score[phase], order.index(phase)))
+
+
+def split_names(spec: str) -> set[str]:
+    """The split names a tfds split string reads ('train[:10%]+val' -> {'train', 'validation'})."""
+    names = {part.split("[")[0].strip() for part in spec.split("+")}
+    return {"validation" if n == "val" else n for n in names}
+
+
+def assign_splits(available: list[str], explicit: dict[str, str | None]) -> dict[str, str | None]:
+    """What each role (train, val, test) reads: the explicit split string, else a published
+    split's name, else None: carved from 'train' (for train itself: 'train' minus the carves).
+
+    test: 'test', else 'validation' (so the split that picks the best epoch is never the
+    one reported: val is then carved); val: 'validation' if it is still free. A published
+    split that an explicit string already reads is not free.
+    """
+    roles = dict(explicit)
+    used = set().union(*(split_names(s) for s in explicit.values() if s is not None))
+    free = [name for name in ("test", "validation") if name in available and name not in used]
+    if roles["test"] is None and free:
+        roles["test"] = free.pop(0)
+    if roles["val"] is None and "validation" in free:
+        roles["val"] = "validation"
+    return roles

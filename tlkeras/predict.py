@@ -29,13 +29,16 @@ Runner = tuple[int, Callable[[np.ndarray], tuple[np.ndarray, tuple[str, ...]]]]
 
 
 def read_images(paths: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """({path: uint8 [H, W, 3]} for the readable files, {path: reason} for the others)."""
-    from tlkeras.images import ImageError, decode_file
+    """({path: uint8 [H, W, 3]} for the readable files, {path: reason} for the others).
+
+    Local files may be up to 64 MiB and 100 megapixels (images.FILE_LIMITS); what is sent
+    to a server is already cropped and resized to the model's input size."""
+    from tlkeras.images import FILE_LIMITS, ImageError, decode_file
 
     good, bad = {}, {}
     for path in paths:
         try:
-            good[path] = decode_file(path)
+            good[path] = decode_file(path, **FILE_LIMITS)  # local files: a 48 MP photo is fine
         except ImageError as e:
             bad[path] = str(e)
     return good, bad
@@ -83,7 +86,9 @@ def wrong_contract(model: str, found: str) -> UserError:
     )
 
 
-def _names(out: dict) -> tuple[str, ...]:
+def _names(out: dict, model: str = "") -> tuple[str, ...]:
+    if "class_names" not in out:
+        raise wrong_contract(model, "outputs " + ", ".join(out))
     names = out["class_names"][0]
     return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
 
@@ -137,7 +142,7 @@ def open_rest(model: str) -> Runner:
 
     def run(images):
         out = predict_rest(model, images=images)
-        return out["probabilities"], _names(out)
+        return out["probabilities"], _names(out, model)
 
     return input_size_rest(model), run
 
@@ -150,7 +155,7 @@ def open_grpc(model: str) -> Runner:
 
     def run(images):
         out = predict_grpc(target, name, images=images)
-        return out["probabilities"], _names(out)
+        return out["probabilities"], _names(out, model)
 
     return input_size_grpc(target, name), run
 

@@ -60,15 +60,17 @@ def prepare(run_dir: Path, cfg: Config, argv: list[str]) -> bool:
 
 
 def record_dataset(run_dir: Path, info) -> None:
-    """Writes dataset.json; a resumed run must see the same classes and storage size."""
+    """Writes dataset.json; a resumed run must see the same classes, size and split counts."""
     path = run_dir / DATASET
     before = read_json(path)
-    if before is not None and (before["class_names"] != list(info.class_names)
-                               or before["image_size"] != info.image_size):  # fmt: skip
+    now = info.to_dict()
+    keys = ("class_names", "image_size", "num_train", "num_val", "num_test", "train_class_counts")
+    changed = [k for k in keys if before is not None and before.get(k) != now[k]]
+    if changed:  # images added or removed move the carves and the schedule: not a resume
+        k = changed[0]
         raise UserError(
-            f"run folder '{run_dir}' was trained on classes {before['class_names'][:5]} at "
-            f"{before['image_size']}px, but the data now gives {list(info.class_names)[:5]} at "
-            f"{info.image_size}px; restore the data or pass a new --run-dir"
+            f"run folder '{run_dir}' was trained on data with {k}={str(before.get(k))[:80]}, but "
+            f"the data now gives {str(now[k])[:80]}; restore the data or pass a new --run-dir"
         )
     write_json(path, info.to_dict())
 

@@ -2,10 +2,12 @@
 
     summary = train_and_evaluate(load_config("configs/smoke.yaml"), Path("runs/smoke"))
 
-Phase 1 trains the new head over the frozen VGG16 base; phase 2 unfreezes the base (all
-of it or from a named block), recompiles at a low learning rate with warm-up and cosine
-decay, and continues the epoch count. Each phase keeps its best weights by validation
-accuracy; the final model is evaluated once on the test split.
+Phase 1 trains the new head over the frozen base (VGG16 or MobileNetV2) on features
+computed once; phase 2 unfreezes the base (all of it or from a named block), recompiles
+at a low learning rate with warm-up and cosine decay, and continues the epoch count. Each
+phase keeps its best weights by validation accuracy (a tie goes to the later epoch); the
+phase with the higher validation accuracy is shipped (the head's if fine-tuning did
+worse) and evaluated once on the test split.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from tlkeras.errors import UserError
 from tlkeras.export import export_model
 from tlkeras.model import build_model, set_finetune_trainable, split_at_features
 from tlkeras.policies import (
-    balanced_class_weights, choose_precision, choose_strategy, is_chief, per_replica_batch,
+    balanced_class_weights, choose_precision, final_phase, choose_strategy, is_chief, per_replica_batch,
     read_cpu_flags, steps_per_epoch, warmup_steps,
 )  # fmt: skip
 
@@ -121,7 +123,12 @@ def _drop_if_not_finite(model: keras.Model, path: Path) -> bool:
 
 
 class WholeModelCheckpoint(keras.callbacks.ModelCheckpoint):
-    """Phase 1 fits a head-only view; its checkpoints still hold the whole model."""
+    """Phase 1 fits a head-only view; its checkpoints still hold the whole model.
+
+    An epoch that only ties the best validation accuracy also replaces it: with a small
+    validation split (24 photos) accuracy ties are common, and the later epoch has
+    trained longer (the first of them was kept before: an undertrained head).
+    """
 
     def __init__(self, whole: keras.Model, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -129,6 +136,12 @@ class WholeModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     def set_model(self, model):
         super().set_model(self.whole)
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = (logs or {}).get(self.monitor)
+        if current is not None and self.best is not None and current == self.best:
+            self.best = -math.inf  # mode "max": the tie now counts as an improvement
+        super().on_epoch_end(epoch, logs)
 
 
 def compute_features(
@@ -243,7 +256,7 @@ def fit_phase(
         model.save_weights(best_path)
 
     rows = [r for r in rundir.read_metrics(run_dir) if r["epoch"] >= first_epoch]
-    best = max(rows, key=lambda r: r["val_accuracy"])
+    best = max(reversed(rows), key=lambda r: r["val_accuracy"])  # the last of tied epochs
     epochs_run = len(losses)
     record = {
         "epochs": epochs,
@@ -266,17 +279,19 @@ def fit_phase(
 
 
 def evaluate(model: keras.Model, test: tf.data.Dataset, class_names: tuple[str, ...]) -> dict[str, Any]:
-    """Test accuracy, per-class accuracy (keyed by class name) and the confusion matrix
-    (rows: true class, columns: predicted, in class-index order)."""
+    """Test accuracy, per-class accuracy (keyed by class name; None for a class with no test
+    image) and the confusion matrix (rows: true class, columns: predicted, in class-index order)."""
     labels = np.concatenate([y.numpy() for _, y in test])
     probs = model.predict(test, verbose=0)
     preds = probs.argmax(axis=1)
     matrix = tf.math.confusion_matrix(labels, preds, num_classes=len(class_names)).numpy()
-    per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
+    counts = matrix.sum(axis=1)
+    per_class = [round(float(c / n), 4) if n else None  # None: no test image of that class
+                 for c, n in zip(matrix.diagonal(), counts)]  # fmt: skip
     return {
         "test_accuracy": float((preds == labels).mean()),
         "test_examples": int(labels.size),
-        "per_class_test_accuracy": dict(zip(class_names, per_class.round(4).tolist())),
+        "per_class_test_accuracy": dict(zip(class_names, per_class)),
         "confusion_matrix": matrix.tolist(),
     }
 
@@ -391,6 +406,11 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
         records[phase] = record
         weights = run_dir / record["best_weights"]
         epoch += epochs
+    final = final_phase({phase: r["val_accuracy"] for phase, r in records.items()})
+    weights = run_dir / records[final]["best_weights"]
+    if final != list(records)[-1]:
+        log.info("final weights: the %s phase's (val_accuracy %.4f); fine-tuning did not beat it",
+                 final, records[final]["val_accuracy"])  # fmt: skip
 
     # The shipped model computes in float32 whatever the training precision: it runs
     # anywhere (onnxruntime has no bf16 convolutions on CPU) and its outputs are stable.
@@ -420,12 +440,13 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
                  exports[0]["parity"]["savedmodel"]["max_abs_diff"],
                  exports[0]["parity"]["onnx"]["max_abs_diff"])  # fmt: skip
 
-    last = records[list(records)[-1]]
+    last = records[final]
     summary = {
         "test_accuracy": results.pop("test_accuracy"),
         "val_accuracy": last["val_accuracy"],
         **results,
         "phases": records,
+        "final_phase": final,
         "wall_time_s": round(time.perf_counter() - start, 1),
         "resumed": resuming,
         "strategy": type(strategy).__name__,
