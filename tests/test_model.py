@@ -287,3 +287,13 @@ def test_real_mobilenet_v2_features_separate_cifar10(mobilenet_assets):
     linear.fit(f_train, y_train, batch_size=64, epochs=30, verbose=0)
     accuracy = linear.evaluate(f_test, y_test, verbose=0)[1]
     assert accuracy >= 0.60, f"test accuracy {accuracy:.3f}: wrong weights or input transform?"
+
+
+def test_the_other_base_s_weights_file_is_one_line_without_warnings(tmp_path, recwarn):
+    """VGG16 given a MobileNetV2 weights file: one UserError, no warning per layer."""
+    other = tmp_path / "mobilenet_v2.weights.h5"
+    keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(other)
+    with pytest.raises(UserError) as e:
+        build_model(ModelConfig(weights=str(other), image_size=32), INFO)
+    assert "could not be loaded as VGG16" in str(e.value) and not str(e.value).rstrip(")").endswith(":")
+    assert not [w for w in recwarn if "Skipping nested container" in str(w.message)]

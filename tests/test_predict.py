@@ -199,3 +199,17 @@ def test_a_batch_of_odd_images_gets_the_same_answers_from_savedmodel_and_onnx(ti
     # The sideways phone photo is read upright: the same pixels as the upright copy (JPEG aside).
     images, _ = P.read_images(good[:2])
     assert np.abs(images[good[0]].astype(int) - images[good[1]].astype(int)).mean() < 3
+
+
+def test_an_onnx_folder_is_taken_like_a_savedmodel_folder(tiny_export, image_files, tmp_path, capsys):
+    from pathlib import Path
+
+    _, base, record = tiny_export
+    files, _ = image_files
+    folder = Path(record["onnx"]).parent.parent  # export/onnx/tlkeras: versions inside
+    assert P.detect_backend(str(folder)) == "onnx"
+    assert P.main([files["small.png"], "--model", str(folder)]) == 0
+    by_folder = capsys.readouterr().out
+    assert P.main([files["small.png"], "--model", record["onnx"]]) == 0
+    assert capsys.readouterr().out == by_folder
+    assert "no such folder" in run_cli_error(capsys, [files["small.png"], "--model", str(tmp_path / "tlkerass")])

@@ -447,3 +447,40 @@ def test_mobilenet_v2_runs_both_phases_and_exports_behind_the_parity_gate(mock_c
     (record,) = summary["exports"]
     assert record["parity"]["onnx"]["identical_classes"] and record["parity"]["savedmodel"]["identical_classes"]
     assert read_epochs(tmp_path) == [0, 1]
+
+
+def test_a_backup_cut_by_a_kill_before_any_older_copy_restarts_the_phase(mock_cifar, tmp_path):
+    """kill -9 while Keras wrote a phase's first backup: no .bkp to fall back on."""
+    cfg = load_config(None, tiny_overrides(**{"head.epochs": "1", "finetune.epochs": "2"}))
+
+    class Crash(Exception):
+        pass
+
+    def crash(self, epoch, logs=None):
+        if epoch == 2:  # the second fine-tuning epoch: one backup of this phase exists
+            raise Crash
+
+    with mock.patch.object(keras.callbacks.TerminateOnNaN, "on_epoch_begin", crash):
+        with pytest.raises(Crash):
+            train_and_evaluate(cfg, tmp_path)
+    latest = tmp_path / "backup" / "finetune" / "latest.weights.h5"
+    assert latest.is_file() and not latest.with_name("latest.weights.h5.bkp").exists()
+    latest.write_bytes(latest.read_bytes()[:100])  # the write a kill cut short
+    summary = train_and_evaluate(cfg, tmp_path)
+    assert "the backup" in (tmp_path / "train.log").read_text() and "unreadable" in (tmp_path / "train.log").read_text()
+    assert read_epochs(tmp_path) == [0, 1, 2] and summary["test_examples"] == 24
+
+
+def test_a_run_that_stops_on_bad_data_says_why_in_its_log(tmp_path):
+    root = make_image_folder(tmp_path / "one", {"cats": 4})
+    cfg = load_config(None, tiny_overrides(**{"data.dataset": str(root)}))
+    with pytest.raises(UserError, match="has one class"):
+        train_and_evaluate(cfg, tmp_path / "run")
+    assert "error: data.dataset=" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_the_default_run_folder_is_named_after_the_base_and_the_data(tmp_path):
+    cfg = load_config(None, ["model.backbone=mobilenet_v2", "finetune.unfreeze=all", f"data.dataset={tmp_path}/my photos"])
+    assert rundir.default_run_dir(cfg).name.endswith("-mobilenet_v2-my photos")
+    assert rundir.default_run_dir(load_config(None)).name.endswith("-vgg16-cifar10")
+    assert rundir.default_run_dir(load_config(None, ["name=exp1"])).name.endswith("-exp1")

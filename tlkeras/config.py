@@ -109,7 +109,7 @@ class ExportConfig:
 
 @dataclass
 class Config:
-    name: str = "vgg16-cifar10"
+    name: str | None = None  # names the default run folder; null: <backbone>-<dataset>, e.g. vgg16-cifar10
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -214,9 +214,10 @@ def preflight(cfg: Config, run_dir: Path) -> None:
                 f"model.weights={weights!r}: no such readable file; give the path to the "
                 f"base's notop weights file, 'imagenet' to download, or null for random weights"
             )
-    if is_folder(cfg.data.dataset) and not Path(cfg.data.dataset).expanduser().is_dir():
-        raise UserError(f"data.dataset='{cfg.data.dataset}': no such folder; give a folder of "
-                        f"class subfolders (<root>/<class>/<image>) or a tfds dataset name")  # fmt: skip
+    folder = Path(cfg.data.dataset).expanduser()
+    if is_folder(cfg.data.dataset) and not folder.is_dir():
+        raise UserError(f"data.dataset='{cfg.data.dataset}': no such folder ({folder.resolve()}); give a "
+                        f"folder of class subfolders (<root>/<class>/<image>) or a tfds dataset name")  # fmt: skip
     if cfg.data.data_dir and not cfg.data.download and not Path(cfg.data.data_dir).expanduser().is_dir():
         raise UserError(
             f"data.data_dir='{cfg.data.data_dir}': no such folder (and data.download=false); give "

@@ -10,6 +10,7 @@ A second base is one row of BACKBONES below.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,13 +109,16 @@ def build_base(name: str, weights: str | None, image_size: int) -> keras.Model:
     try:
         # Keras has MobileNetV2 ImageNet files for inputs 96, 128, 160, 192 and 224; at other
         # sizes it warns and loads the 224 one, which works at any size >= 32.
-        return backbone.application(
-            include_top=False, weights=weights, input_shape=(image_size, image_size, 3), name=name
-        )
+        with warnings.catch_warnings():  # a wrong file: one line below, not a warning per layer
+            warnings.filterwarnings("ignore", message="Skipping nested container")
+            return backbone.application(
+                include_top=False, weights=weights, input_shape=(image_size, image_size, 3), name=name
+            )
     except Exception as e:  # h5py, Keras and urllib each raise their own kind
         if weights is None:
             raise
-        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = " ".join(lines[:2])[:240] if lines else type(e).__name__
         if weights == "imagenet":
             raise UserError(
                 f"model.weights='imagenet': downloading the {backbone.label} weights failed "

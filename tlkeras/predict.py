@@ -53,10 +53,21 @@ def fit_batch(images: list[np.ndarray], size: int) -> np.ndarray:
     return np.stack([fit_square(tf.constant(x), size).numpy() for x in images])
 
 
+def onnx_file(model: str) -> Path | None:
+    """An .onnx file, or the model.onnx of an ONNX version folder or of its highest version."""
+    path = Path(model)
+    if path.suffix == ".onnx" or not path.is_dir():
+        return path
+    if (path / "model.onnx").is_file():
+        return path / "model.onnx"
+    versions = sorted((int(p.name), p) for p in path.iterdir() if p.name.isdigit() and (p / "model.onnx").is_file())
+    return versions[-1][1] / "model.onnx" if versions else None
+
+
 def detect_backend(model: str) -> str:
     if model.startswith(("http://", "https://")):
         return "rest"
-    if model.endswith(".onnx"):
+    if model.endswith(".onnx") or (Path(model).is_dir() and onnx_file(model) is not None):
         return "onnx"
     if model.startswith("grpc://") or (":" in model and not Path(model).exists()):
         return "grpc"
@@ -66,6 +77,8 @@ def detect_backend(model: str) -> str:
 def savedmodel_dir(model: str) -> Path:
     """A version folder, or a TF Serving model folder whose highest version is used."""
     path = Path(model)
+    if not path.exists():
+        raise UserError(f"--model {model}: no such folder; pass an export folder such as runs/<run>/export/tlkeras")
     if (path / "saved_model.pb").is_file():
         return path
     from tlkeras.export import next_version
@@ -114,10 +127,12 @@ def open_savedmodel(model: str) -> Runner:
 def open_onnx(model: str) -> Runner:
     from tlkeras.export import onnx_session
 
-    if not Path(model).is_file():
-        raise UserError(f"--model {model}: no such ONNX file")
+    path = onnx_file(model)
+    if path is None or not path.is_file():
+        raise UserError(f"--model {model}: no such ONNX file (pass a model.onnx, or its folder "
+                        f"such as runs/<run>/export/onnx/tlkeras)")  # fmt: skip
     try:
-        session = onnx_session(model)
+        session = onnx_session(path)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf kinds
         raise UserError(f"--model {model} is not a loadable ONNX model ({str(e)[:150]})") from None
     inputs = session.get_inputs()

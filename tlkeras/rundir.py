@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tlkeras.config import Config, dump_yaml, to_flat_dict
+from tlkeras.config import Config, dump_yaml, is_folder, to_flat_dict
 from tlkeras.errors import UserError
 
 SUMMARY = "summary.json"
@@ -30,8 +30,11 @@ METRICS = "metrics.csv"
 DATASET = "dataset.json"
 
 
-def default_run_dir(name: str) -> Path:
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+def default_run_dir(cfg: Config) -> Path:
+    """runs/<time>-<name>; without a name, <backbone>-<dataset> (a folder by its own name)."""
+    data = cfg.data.dataset
+    dataset = Path(data).expanduser().resolve().name if is_folder(data) else data
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name or f'{cfg.model.backbone}-{dataset}'}"
 
 
 def prepare(run_dir: Path, cfg: Config, argv: list[str]) -> bool:

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         from tlkeras.rundir import default_run_dir
 
         cfg = load_config(args.config, args.overrides)
-        run_dir = args.run_dir or default_run_dir(cfg.name)
+        run_dir = args.run_dir or default_run_dir(cfg)
         preflight(cfg, run_dir)  # seconds, before TensorFlow and the data load
         quiet_libraries(args.debug)  # imports TensorFlow with its start-up lines hidden
         from tlkeras.training import train_and_evaluate

@@ -103,6 +103,24 @@ def _resumed_epoch(backup_dir: Path, default: int) -> int:
     return int(meta["epoch"]) if meta else default
 
 
+def _drop_unreadable_backup(backup_dir: Path, phase: str) -> None:
+    """A kill during a phase's first backup write leaves a half-written file with no older
+    copy (Keras falls back to `.bkp` when there is one, and raises otherwise): restart the
+    phase's backup instead of failing on every rerun. At most that epoch is redone."""
+    import h5py
+
+    latest = backup_dir / "latest.weights.h5"
+    if not latest.exists() or latest.with_name(latest.name + ".bkp").exists():
+        return
+    try:
+        with h5py.File(latest, "r"):
+            return
+    except OSError:
+        log.warning("%s: the backup %s is unreadable (a kill while it was written); "
+                    "the phase restarts from its first epoch", phase, latest)  # fmt: skip
+        shutil.rmtree(backup_dir)
+
+
 def _loads(path: Path, cfg: Config, info: DatasetInfo) -> bool:
     try:
         build_model(cfg.model, info, load_weights=False).load_weights(path)
@@ -199,6 +217,7 @@ def fit_phase(
         extractor, trained = split_at_features(model) if phase == "head" else (None, model)
         compile_for_phase(trained, cfg, phase, steps)
 
+    _drop_unreadable_backup(backup_dir, phase)
     resume_at = _resumed_epoch(backup_dir, first_epoch)
     rundir.truncate_metrics(run_dir, resume_at)
     done = [r for r in rundir.read_metrics(run_dir) if r["epoch"] >= first_epoch]
@@ -353,6 +372,9 @@ def train_and_evaluate(cfg: Config, run_dir: Path, argv: list[str] = ()) -> dict
     policy = keras.mixed_precision.global_policy()
     try:
         return _train(cfg, strategy, workdir, chief, resuming, start)
+    except UserError as e:  # the console gets it from the CLI; the log must say why it stopped
+        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (e,), None))
+        raise
     finally:
         keras.mixed_precision.set_global_policy(policy)  # leave no global state behind
         log.removeHandler(handler)
@@ -386,6 +408,11 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
              info.name, info.source, info.num_classes, info.image_size, info.image_size,
              info.num_train, info.num_val, info.num_test)  # fmt: skip
     log.info("data: splits %s", "; ".join(f"{k}: {v}" for k, v in info.splits.items()))
+    if cfg.data.batch_size > info.num_train // 4:
+        log.warning("data.batch_size=%d leaves %d step(s) per epoch for %d training images; "
+                    "small folders train better with e.g. data.batch_size=16",
+                    cfg.data.batch_size, steps_per_epoch(info.num_train, cfg.data.batch_size),
+                    info.num_train)  # fmt: skip
     log.info("data: train images per class: %s", ", ".join(
         f"{c} {n}" for c, n in zip(info.class_names, info.train_class_counts)))  # fmt: skip
     if chief:
