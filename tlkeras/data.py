@@ -29,7 +29,7 @@ import tensorflow_datasets as tfds
 
 from tlkeras.config import DataConfig, is_folder
 from tlkeras.errors import ConfigError, UserError
-from tlkeras.images import FILE_LIMITS, ImageError, decode_file, fit_square
+from tlkeras.images import FILE_LIMITS, ImageError, composite_in_graph, decode_file, fit_square
 from tlkeras.policies import assign_splits, carve_counts, storage_size
 
 log = logging.getLogger("tlkeras")
@@ -189,9 +189,7 @@ def _tfds_source(cfg: DataConfig, model_size: int):
         if image.shape[-1] == 1:  # grayscale datasets (e.g. mnist): the bases want RGB
             image = tf.image.grayscale_to_rgb(image)
         elif image.shape[-1] == 4:  # RGBA: transparency on white, as image files are read
-            alpha = tf.cast(image[..., 3:], tf.float32)
-            image = tf.cast(tf.round((tf.cast(image[..., :3], tf.float32) * alpha
-                                      + 255.0 * (255.0 - alpha)) / 255.0), tf.uint8)  # fmt: skip
+            image = composite_in_graph(image)
         return fit_square(image, size), example[label_key]
 
     if builder.info.splits:  # sizes known: say whether the roles share examples
@@ -304,10 +302,9 @@ def list_folder(root: Path, key: str = "data.dataset") -> tuple[dict[str, dict[s
                 )
             ignored += other
             classes[class_dir.name] = images
-        if not any(classes.values()):
-            where = f"'{folder}'"
+        if not classes:  # every class folder holds images (checked above)
             raise UserError(
-                f"{key}: {where} holds no class subfolders with images; expected "
+                f"{key}: '{folder}' holds no class subfolders with images; expected "
                 f"{folder}/<class>/<image> ({', '.join(IMAGE_EXTENSIONS)})"
             )
         tree[split] = classes

@@ -351,7 +351,7 @@ def decode_in_graph(data: tf.Tensor, size: int) -> tf.Tensor:
             # decode_bytes. TF's default (IFAST) differs by up to 8 levels.
             lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
             # 4 channels: TF applies palette and single-colour tRNS as alpha (measured)
-            lambda: _composite_in_graph(tf.io.decode_png(data, channels=4)),
+            lambda: composite_in_graph(tf.io.decode_png(data, channels=4)),
             # The first frame only, without decoding every frame into memory as decode_gif does
             lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
             lambda: tf.io.decode_bmp(data, channels=3),  # the 4th byte of 32-bit BMP dropped
@@ -396,7 +396,7 @@ def _bmp_size(data):  # BITMAPINFOHEADER: little-endian int32 at 18..26; height 
     return abs(signed(_read_uint(data, 18, 4))), abs(signed(_read_uint(data, 22, 4)))
 
 
-def _composite_in_graph(rgba):
+def composite_in_graph(rgba):
     """composite_over_background in TF ops: the same float32 arithmetic, the same bytes."""
     import tensorflow as tf
 

@@ -58,10 +58,12 @@ def onnx_file(model: str) -> Path | None:
     path = Path(model)
     if path.suffix == ".onnx" or not path.is_dir():
         return path
-    if (path / "model.onnx").is_file():
-        return path / "model.onnx"
-    versions = sorted((int(p.name), p) for p in path.iterdir() if p.name.isdigit() and (p / "model.onnx").is_file())
-    return versions[-1][1] / "model.onnx" if versions else None
+    from tlkeras.export import next_version
+
+    for folder in (path, path / str(next_version(path) - 1)):  # a version, or its highest
+        if (folder / "model.onnx").is_file():
+            return folder / "model.onnx"
+    return None
 
 
 def detect_backend(model: str) -> str:

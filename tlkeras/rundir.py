@@ -75,7 +75,7 @@ def record_dataset(run_dir: Path, info) -> None:
             f"run folder '{run_dir}' was trained on data with {k}={str(before.get(k))[:80]}, but "
             f"the data now gives {str(now[k])[:80]}; restore the data or pass a new --run-dir"
         )
-    write_json(path, info.to_dict())
+    write_json(path, now)
 
 
 def load_dataset(run_dir: Path):
