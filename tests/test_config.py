@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,13 @@ def test_preflight_fails_in_seconds_without_tensorflow(tmp_path, setting, messag
     assert message in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "r").exists()  # nothing written
     assert time.monotonic() - start < 20
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("seed=-1", "seed=-1 must be between 0 and 2**32 - 1"),
+    ("seed=99999999999", "seed=99999999999 must be between"),
+    ("name=a/b", "name='a/b' must be a plain folder name"),
+])  # fmt: skip
+def test_seed_and_run_name_are_checked_with_the_config(setting, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [setting])

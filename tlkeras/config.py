@@ -185,6 +185,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
     layers, blocks = BASE_LAYERS[cfg.model.backbone]
     unfreeze_start(layers, blocks, cfg.finetune.unfreeze, BASE_LABELS[cfg.model.backbone])  # now, not after phase 1
+    if not 0 <= cfg.seed < 2**32:  # Keras's set_random_seed range
+        raise ConfigError(f"seed={cfg.seed} must be between 0 and 2**32 - 1")
+    if cfg.name is not None and (not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.name) or cfg.name in (".", "..")):
+        raise ConfigError(f"name={cfg.name!r} must be a plain folder name (letters, digits, '_', '-', '.'), e.g. photos-v1")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.export.name) or cfg.export.name in ("onnx", ".", ".."):
         raise ConfigError(
             f"export.name={cfg.export.name!r} must be a plain folder name (letters, digits, "

@@ -410,9 +410,9 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
     log.info("data: splits %s", "; ".join(f"{k}: {v}" for k, v in info.splits.items()))
     if cfg.data.batch_size > info.num_train // 4:
         log.warning("data.batch_size=%d leaves %d step(s) per epoch for %d training images; "
-                    "small folders train better with e.g. data.batch_size=16",
+                    "a smaller batch (e.g. %d) gives more updates per epoch",
                     cfg.data.batch_size, steps_per_epoch(info.num_train, cfg.data.batch_size),
-                    info.num_train)  # fmt: skip
+                    info.num_train, max(1, info.num_train // 8))  # fmt: skip
     log.info("data: train images per class: %s", ", ".join(
         f"{c} {n}" for c, n in zip(info.class_names, info.train_class_counts)))  # fmt: skip
     if chief:
