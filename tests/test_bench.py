@@ -33,7 +33,7 @@ def test_median_seconds_is_the_median_of_the_timed_calls(monkeypatch):
 def test_run_without_export_is_a_user_error(tmp_path):
     (tmp_path / "summary.json").write_text('{"exports": []}')
     with pytest.raises(bench.UserError, match="has no export"):
-        bench.exported_model(tmp_path, tmp_path)
+        bench.exported_model(tmp_path, tmp_path, None)
 
 
 def test_conv_macs_counts_vgg16_and_the_trainable_part():
@@ -54,11 +54,30 @@ def test_conv_macs_counts_vgg16_and_the_trainable_part():
     assert bench.conv_macs(big)[0] == 4 * total  # the square of the side
 
 
-def test_runs_of_other_data_or_bases_are_refused_with_a_reason(tmp_path):
+def test_conv_macs_counts_mobilenet_v2_depthwise_and_pointwise():
+    from tlkeras.config import ModelConfig
+    from tlkeras.data import DatasetInfo
+    from tlkeras.model import build_model, set_finetune_trainable
+
+    info = DatasetInfo(name="x", source="tfds", image_size=224, class_names=("a", "b"))
+    model = build_model(ModelConfig(backbone="mobilenet_v2", weights=None, head_units=8), info)
+    total = bench.conv_macs(model)[0]
+    assert abs(total - 300e6) / 300e6 < 0.01  # Sandler et al. 2018, Table 3: 300 M at 224
+    depthwise = bench.conv_macs(model, depthwise_only=True)[0]
+    # 17 depthwise 3x3 layers; the first (112x112x32) alone: 112*112*9*32 MACs
+    assert 112 * 112 * 9 * 32 < depthwise < 0.1 * total
+
+    set_finetune_trainable(model, "Conv_1")  # the last 1x1 convolution: 7x7x320 -> 1280
+    _, trainable, input_grad = bench.conv_macs(model)
+    assert trainable == 7 * 7 * 320 * 1280 and input_grad == 0  # nothing trainable below it
+
+
+def test_runs_of_other_data_are_refused_with_a_reason(tmp_path):
     from tlkeras.config import Config, dump_yaml, load_config
 
     (tmp_path / "config.yaml").write_text(dump_yaml(load_config(None, ["data.dataset=./photos"])))
-    with pytest.raises(bench.UserError, match="measures VGG16 runs on CIFAR-10"):
+    with pytest.raises(bench.UserError, match="measures CIFAR-10 runs"):
         bench.run_config(tmp_path)
-    (tmp_path / "config.yaml").write_text(dump_yaml(Config()))
-    assert bench.run_config(tmp_path) == Config()
+    mobile = load_config(None, ["model.backbone=mobilenet_v2"])
+    (tmp_path / "config.yaml").write_text(dump_yaml(mobile))
+    assert bench.run_config(tmp_path) == mobile

@@ -1,6 +1,6 @@
 """Measure on this machine, each figure beside its baseline from the same run.
 
-    python -m tlkeras.bench [--quick] [--run-dir RUN]
+    python -m tlkeras.bench [--quick] [--run-dir RUN | --backbone mobilenet_v2 --image-size 128]
 
 Prints one JSON line per figure:
   {"metric": ..., "unit": ..., "ours": ..., "baseline": ..., "ratio": ..., "config": ...}
@@ -14,13 +14,17 @@ an int8 ONNX model (static QDQ quantization, calibrated on CIFAR-10 training ima
 against the float32 one, with the test-accuracy change when the run's data is at hand.
 onnxruntime's batch-1 FLOP/s is also set against the float32 matmul peak: the headroom
 any float32 runtime has left.
-With --run-dir the run's exported model is timed; otherwise a freshly built one (latency
-does not depend on the weight values). Run it on an otherwise idle machine.
+MobileNetV2 adds the FLOP/s of a depthwise convolution against a pointwise one: what
+limits the depthwise separable blocks on a CPU.
+With --run-dir (a CIFAR-10 run of either base) the run's exported model is timed;
+otherwise a freshly built one (--backbone, --image-size; latency does not depend on the
+weight values). Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -66,7 +70,7 @@ def figure(metric: str, unit: str, ours: float, baseline: float, **config) -> di
     }  # fmt: skip
 
 
-def bench_inference(savedmodel: Path, onnx_path: Path, quick: bool, image_size: int) -> list[dict[str, Any]]:
+def bench_inference(savedmodel: Path, onnx_path: Path, quick: bool, mcfg) -> list[dict[str, Any]]:
     """Latency of both exports; and onnxruntime's batch-1 FLOP/s against the float32 peak,
     which shows how much room any float32 runtime has left on this machine."""
     import tensorflow as tf
@@ -88,12 +92,13 @@ def bench_inference(savedmodel: Path, onnx_path: Path, quick: bool, image_size: 
             batch=batch, repeats=repeats, statistic="median",
         ))  # fmt: skip
         if batch == 1:
-            flops = 2 * conv_macs(_model("float32", image_size))[0] / ours
+            flops = 2 * conv_macs(_model("float32", mcfg))[0] / ours
             peak = matmul_peak("float32")
             out.append(figure(
                 "onnx_batch1_flops_fraction_of_float32_peak", "fraction", flops / peak, 1.0,
                 achieved_gflops=round(flops / 1e9, 1), peak_gflops=round(peak / 1e9, 1),
-                image_size=image_size, note="baseline 1.0 is the measured float32 matmul peak",
+                backbone=mcfg.backbone, image_size=mcfg.image_size,
+                note="baseline 1.0 is the measured float32 matmul peak",
             ))  # fmt: skip
     return out
 
@@ -172,23 +177,31 @@ def cifar10_info():
                        class_names=tuple(f"class_{i}" for i in range(10)))  # fmt: skip
 
 
-def conv_macs(model) -> tuple[int, int, int]:
+def conv_macs(model, depthwise_only: bool = False) -> tuple[int, int, int]:
     """Multiply-adds per image of the base's convolutions: (all, trainable, input-gradient).
 
     A training step costs 2 FLOP per MAC for the forward pass over all layers, for the
     weight gradient of the trainable ones, and for the input gradient of those trainable
-    layers that have a trainable layer below them. VGG16 at 32x32: 0.313 G forward.
+    layers that have a trainable layer below them. A convolution's MACs are its output
+    positions times its kernel's size, which counts both standard (VGG16, MobileNetV2's
+    1x1 expansions and projections) and depthwise convolutions (kernel kh x kw x C x 1).
+    VGG16 at 32x32: 0.313 G forward; MobileNetV2 at 224x224: 0.30 G (Sandler et al. 2018).
+    depthwise_only: count the depthwise convolutions alone (their share of the work).
     """
     import keras
 
+    from tlkeras.model import find_base
+
+    kinds = (keras.layers.DepthwiseConv2D,) if depthwise_only else (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
     total = trainable = input_grad = 0
     seen_trainable = False
-    for layer in model.get_layer("vgg16").layers:
-        if not isinstance(layer, keras.layers.Conv2D):
+    for layer in find_base(model)[1].layers:
+        if not isinstance(layer, kinds):
+            if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)) and layer.trainable:
+                seen_trainable = True
             continue
-        _, h, w, cout = layer.output.shape
-        kh, kw, cin, _ = layer.kernel.shape
-        macs = h * w * kh * kw * cin * cout
+        _, h, w, _ = layer.output.shape
+        macs = h * w * int(np.prod(layer.kernel.shape))
         total += macs
         if layer.trainable:
             trainable += macs
@@ -207,15 +220,15 @@ def matmul_peak(dtype: str, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / median_seconds(lambda: matmul(a).numpy(), repeats)
 
 
-def _model(precision: str, image_size: int, weights: str | None = None):
+def _model(precision: str, mcfg):
+    """mcfg: a ModelConfig (backbone, weights, image_size), built for CIFAR-10's shape."""
     import keras
 
-    from tlkeras.config import ModelConfig
     from tlkeras.model import build_model
 
     keras.mixed_precision.set_global_policy(precision)
     try:
-        return build_model(ModelConfig(weights=weights, image_size=image_size), cifar10_info())
+        return build_model(mcfg, cifar10_info())
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
@@ -230,7 +243,7 @@ def finetune_images_per_second(model, steps: int, batch: int = 64) -> float:
     return batch * steps / (time.perf_counter() - start)
 
 
-def bench_finetune(quick: bool, image_size: int, unfreeze: str) -> list[dict[str, Any]]:
+def bench_finetune(quick: bool, mcfg, unfreeze: str) -> list[dict[str, Any]]:
     """Phase 2 as the run does it (precision, resolution, unfreeze) vs plain float32."""
     import keras
 
@@ -241,23 +254,51 @@ def bench_finetune(quick: bool, image_size: int, unfreeze: str) -> list[dict[str
     steps = 10 if quick else 40
     rates = {}
     for precision in (ours_precision, "float32"):
-        model = _model(precision, image_size)
+        model = _model(precision, dataclasses.replace(mcfg, weights=None))
         set_finetune_trainable(model, unfreeze)
         model.compile(keras.optimizers.Adam(1e-5), "sparse_categorical_crossentropy", jit_compile=False)
         rates[precision] = finetune_images_per_second(model, steps)
-    total, trainable, input_grad = conv_macs(model)
-    flops = rates[ours_precision] * 2 * (total + trainable + input_grad)
+    macs = sum(conv_macs(model))
+    depthwise_share = sum(conv_macs(model, depthwise_only=True)) / macs
+    flops = rates[ours_precision] * 2 * macs
     compute = "bfloat16" if "bfloat16" in ours_precision else "float32"
     peak = matmul_peak(compute)
-    setup = dict(unfreeze=unfreeze, image_size=image_size, batch=64, steps=steps)
+    setup = dict(backbone=mcfg.backbone, unfreeze=unfreeze, image_size=mcfg.image_size, batch=64, steps=steps)
     return [
         figure("finetune_images_per_second", "images/s", rates[ours_precision], rates["float32"],
                ours_setup=ours_precision, baseline_setup="float32, no XLA (keras.io recipe)", **setup),
         figure("finetune_flops_fraction_of_matmul_peak", "fraction", flops / peak, 1.0,
                achieved_gflops=round(flops / 1e9, 1), peak_gflops=round(peak / 1e9, 1),
-               gflop_per_image=round(2 * (total + trainable + input_grad) / 1e9, 3),
+               gflop_per_image=round(2 * macs / 1e9, 3), depthwise_share_of_macs=round(depthwise_share, 3),
                peak_dtype=compute, note="baseline 1.0 is the measured matmul peak", **setup),
     ]  # fmt: skip
+
+
+def bench_depthwise(quick: bool) -> list[dict[str, Any]]:
+    """What limits a depthwise convolution on a CPU: its FLOP/s against a 1x1 (pointwise)
+    convolution on the same float32 tensor (64 x 16 x 16 x 192: a MobileNetV2 expansion
+    at 128x128 input), forward only.
+
+    Per output value a 3x3 depthwise convolution does 9 MACs, a 1x1 one with 192 input
+    channels 192, over the same bytes moved (one value read, one written): 2.25 against
+    48 FLOP per byte, so the depthwise one is bound by memory bandwidth, not by the
+    multiply units a matmul saturates. A ratio well below 1 is that, measured.
+    """
+    import keras
+    import tensorflow as tf
+
+    x = tf.random.normal((64, 16, 16, 192))
+    rates = {}
+    for name, layer, macs_per_output in (
+        ("depthwise", keras.layers.DepthwiseConv2D(3, padding="same"), 9),
+        ("pointwise", keras.layers.Conv2D(192, 1), 192),
+    ):  # fmt: skip
+        forward = tf.function(layer)
+        seconds = median_seconds(lambda f=forward: f(x).numpy(), 5 if quick else 20)
+        rates[name] = 2 * macs_per_output * x.shape.num_elements() / seconds
+    return [figure("depthwise_conv_gflops", "GFLOP/s", rates["depthwise"] / 1e9, rates["pointwise"] / 1e9,
+                   baseline_setup="1x1 convolution, 192 -> 192 channels", shape=[64, 16, 16, 192],
+                   flop_per_byte={"depthwise": 2.25, "pointwise": 48.0}, dtype="float32")]  # fmt: skip
 
 
 def bench_phase1(cfg, quick: bool) -> list[dict[str, Any]]:
@@ -292,7 +333,7 @@ def bench_phase1(cfg, quick: bool) -> list[dict[str, Any]]:
     def run(precision: str, cached: bool) -> tuple[float, float]:
         """Seconds and final val accuracy; the keras.io recipe when not `cached`."""
         keras.utils.set_random_seed(cfg.seed)
-        model = _model(precision, image_size, cfg.model.weights)
+        model = _model(precision, cfg.model)
         if cached:
             start = time.perf_counter()
             extractor, head = split_at_features(model)
@@ -315,7 +356,7 @@ def bench_phase1(cfg, quick: bool) -> list[dict[str, Any]]:
     base_s, base_acc = run("float32", cached=False)
     # Caching alone, without our precision: how the speed-up splits between the two.
     cached_fp32_s = run("float32", cached=True)[0] if ours_precision != "float32" else ours_s
-    setup = dict(epochs=epochs, image_size=image_size, train_images=splits.num_train,
+    setup = dict(backbone=cfg.model.backbone, epochs=epochs, image_size=image_size, train_images=splits.num_train,
                  val_images=splits.num_val, batch=64, weights=str(cfg.model.weights))  # fmt: skip
     views = "with mirrored copies" if data.augment else "no augmentation"
     return [
@@ -338,7 +379,7 @@ def bench_pipeline(cfg, quick: bool):
     from tlkeras.data import make_datasets
     from tlkeras.policies import choose_precision, read_cpu_flags
 
-    model = _model(choose_precision("auto", 0, read_cpu_flags()), cfg.model.image_size)
+    model = _model(choose_precision("auto", 0, read_cpu_flags()), dataclasses.replace(cfg.model, weights=None))
     steps, batch = (10 if quick else 40), 64
     x = np.random.default_rng(0).integers(0, 256, (batch * steps, 32, 32, 3), dtype=np.uint8)
     model.predict(x[: batch * 2], batch_size=batch, verbose=0)
@@ -358,7 +399,7 @@ def bench_pipeline(cfg, quick: bool):
                    image_size=cfg.model.image_size, note="ratio > 1: the pipeline outpaces the model")]  # fmt: skip
 
 
-def exported_model(run_dir: Path | None, workdir: Path) -> tuple[Path, Path]:
+def exported_model(run_dir: Path | None, workdir: Path, mcfg) -> tuple[Path, Path]:
     if run_dir is not None:
         if not (run_dir / "summary.json").is_file():
             raise UserError(f"'{run_dir}' holds no finished run (no summary.json)")
@@ -367,12 +408,11 @@ def exported_model(run_dir: Path | None, workdir: Path) -> tuple[Path, Path]:
             raise UserError(f"run '{run_dir}' has no export; run python -m tlkeras.export --run-dir {run_dir}")
         last = summary["exports"][-1]
         return Path(last["savedmodel"]), Path(last["onnx"])
-    from tlkeras.config import ModelConfig
     from tlkeras.export import export_model
     from tlkeras.model import build_model
 
     info = cifar10_info()
-    model = build_model(ModelConfig(weights=None, image_size=32), info)
+    model = build_model(dataclasses.replace(mcfg, weights=None), info)
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     record = export_model(model, workdir, "tlkeras", images, info.class_names)
     return Path(record["savedmodel"]), Path(record["onnx"])
@@ -390,11 +430,11 @@ def run_config(run_dir: Path | None):
     from tlkeras.config import load_config
 
     cfg = load_config(run_dir / "config.yaml")
-    if (cfg.data.dataset, cfg.model.backbone) != ("cifar10", "vgg16"):
-        # Its baselines (the keras.io recipe on tfds CIFAR-10, VGG16 MAC counts) are CIFAR-10's.
+    if cfg.data.dataset != "cifar10":
+        # Its baselines (the keras.io recipe on tfds CIFAR-10, int8 calibration) are CIFAR-10's.
         raise UserError(
-            f"the benchmark measures VGG16 runs on CIFAR-10; '{run_dir}' trained "
-            f"{cfg.model.backbone} on {cfg.data.dataset}: pass a CIFAR-10 VGG16 run, or no --run-dir"
+            f"the benchmark measures CIFAR-10 runs; '{run_dir}' trained on {cfg.data.dataset}: "
+            f"pass a CIFAR-10 run, or no --run-dir"
         )
     return cfg
 
@@ -403,28 +443,40 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tlkeras.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats: a few minutes")
     parser.add_argument("--run-dir", type=Path, help="time this run's exported model")
+    parser.add_argument("--backbone", choices=("vgg16", "mobilenet_v2"),
+                        help="without --run-dir: the base of the fresh model (default vgg16)")
+    parser.add_argument("--image-size", type=int, metavar="PX",
+                        help="without --run-dir: the model's input size (default 32)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     quiet_libraries(args.debug)  # before TensorFlow is imported
 
     def run() -> None:
+        from tlkeras.config import ModelConfig
+
+        if args.run_dir and (args.backbone or args.image_size):
+            raise UserError("--backbone and --image-size describe a fresh model; with --run-dir "
+                            "the run's own are timed: drop them, or drop --run-dir")  # fmt: skip
         cfg = run_config(args.run_dir)
+        mcfg = cfg.model if cfg else ModelConfig(backbone=args.backbone or "vgg16", weights=None,
+                                                 image_size=args.image_size or 32)  # fmt: skip
         with tempfile.TemporaryDirectory() as tmp:
-            savedmodel, onnx_path = exported_model(args.run_dir, Path(tmp))
-            image_size = cfg.model.image_size if cfg else 32
-            emit(bench_inference(savedmodel, onnx_path, args.quick, image_size))
+            savedmodel, onnx_path = exported_model(args.run_dir, Path(tmp), mcfg)
+            emit(bench_inference(savedmodel, onnx_path, args.quick, mcfg))
             emit(bench_int8(onnx_path, Path(tmp), args.quick, bench_data(args.run_dir, args.quick)))
+        if mcfg.backbone == "mobilenet_v2":
+            emit(bench_depthwise(args.quick))
         if cfg is None:
             print("phase 1 and input-pipeline figures need real CIFAR-10: pass --run-dir",
                   file=sys.stderr)  # fmt: skip
-            emit(bench_finetune(args.quick, 32, "all"))
+            emit(bench_finetune(args.quick, mcfg, "all"))
             return
         for needs_data in (bench_phase1, bench_pipeline):
             try:
                 emit(needs_data(cfg, args.quick))
             except UserError as e:  # no CIFAR-10 here: skip these figures, keep the others
                 print(f"{needs_data.__name__} skipped: {e}", file=sys.stderr)
-        emit(bench_finetune(args.quick, cfg.model.image_size, cfg.finetune.unfreeze))
+        emit(bench_finetune(args.quick, cfg.model, cfg.finetune.unfreeze))
 
     return run_cli(run, args.debug)
 

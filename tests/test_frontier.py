@@ -1,0 +1,45 @@
+"""The frontier command: points read from run folders, a table and a plot."""
+
+import json
+
+from tlkeras import frontier
+from tlkeras.config import dump_yaml, load_config
+
+
+def _run(root, name, backbone, train, minutes, accuracy, finished=True):
+    run = root / name
+    run.mkdir()
+    cfg = load_config(None, [f"model.backbone={backbone}", "model.image_size=96", "finetune.unfreeze=block_13"
+                             if backbone == "mobilenet_v2" else "finetune.unfreeze=block3"])
+    (run / "config.yaml").write_text(dump_yaml(cfg))
+    if finished:
+        summary = {"test_accuracy": accuracy, "wall_time_s": minutes * 60, "dataset": {"num_train": train}}
+        (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_points_table_and_plot(tmp_path, capsys):
+    runs = [
+        _run(tmp_path, "a", "vgg16", 5000, 16.0, 0.8568),
+        _run(tmp_path, "b", "mobilenet_v2", 5000, 9.5, 0.88),
+        _run(tmp_path, "c", "mobilenet_v2", 48000, 25.0, 0.93),
+        _run(tmp_path, "d", "vgg16", 48000, 50.0, 0.91, finished=False),
+    ]
+    (tmp_path / "a.log").write_text("a log beside the runs, as a shell glob yields it")
+    out = tmp_path / "frontier.png"
+    assert frontier.main([str(r) for r in runs] + [str(tmp_path / "a.log"), "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    rows = [line for line in printed.out.splitlines() if line.startswith("| ") and "runs" not in line
+            and "---" not in line and "base |" not in line]  # fmt: skip
+    assert len(rows) == 3  # the unfinished run is skipped, and said so
+    assert "skipped" in printed.err and "/d" in printed.err
+    assert rows[0].startswith("| mobilenet_v2 | 5000 | 96 | block_13 | 10 | 9.5 | 0.8800")  # sorted: size, base, time
+    assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
+    assert frontier.read_point(runs[1])["minutes"] == 9.5
+
+
+def test_no_finished_run_is_one_error_line(tmp_path, capsys):
+    run = _run(tmp_path, "d", "vgg16", 48000, 50.0, 0.91, finished=False)
+    assert frontier.main([str(run), "--out", str(tmp_path / "f.png")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: none of the 1 paths") and not (tmp_path / "f.png").exists()
