@@ -107,3 +107,13 @@ def test_nan_loss_stops_and_deletes_the_diverged_checkpoint(mock_cifar, tmp_path
     assert dropped == [(True, False)]
     assert "no good weights were saved in this phase" in err
     assert not (run / "checkpoints" / "finetune_best.weights.h5").exists()
+
+
+def test_a_bad_flag_is_one_line_and_exit_2(capsys):
+    from tlkeras import train
+
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--epochs", "3"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--epochs 3" in err and "usage" not in err

@@ -23,7 +23,6 @@ weight values). Run it on an otherwise idle machine.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -38,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 
 from tlkeras.console import quiet_libraries
-from tlkeras.errors import UserError, run_cli
+from tlkeras.errors import ArgumentParser, UserError, run_cli
 from tlkeras.export import onnx_session
 
 
@@ -440,7 +439,7 @@ def run_config(run_dir: Path | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tlkeras.bench", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m tlkeras.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats: a few minutes")
     parser.add_argument("--run-dir", type=Path, help="time this run's exported model")
     parser.add_argument("--backbone", choices=("vgg16", "mobilenet_v2"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from collections.abc import Callable
@@ -15,6 +16,13 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     exit_code = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse prints the whole usage first) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def run_cli(main: Callable[[], int | None], debug: bool) -> int:

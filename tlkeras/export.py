@@ -24,7 +24,6 @@ Contract (stable names; S is the run's storage size, C its class count):
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from tlkeras.console import quiet_libraries
-from tlkeras.errors import UserError, run_cli
+from tlkeras.errors import ArgumentParser, UserError, run_cli
 
 INPUT = "images"
 BYTES_INPUT = "image_bytes"
@@ -311,7 +310,7 @@ def export_run(run_dir: Path, base: Path | None = None, name: str | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tlkeras.export", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m tlkeras.export", description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True, help="a finished training run")
     parser.add_argument("--base", type=Path, help="export base folder (default: the run's export.base)")
     parser.add_argument("--name", help="model name, TF Serving's MODEL_NAME (default: the run's export.name)")

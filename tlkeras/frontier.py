@@ -11,14 +11,13 @@ know whether it was shared): compare runs made on one idle machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from tlkeras.errors import UserError, run_cli
+from tlkeras.errors import ArgumentParser, UserError, run_cli
 
 
 def read_point(run_dir: Path) -> dict[str, Any] | None:
@@ -75,7 +74,7 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tlkeras.frontier", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m tlkeras.frontier", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders")
     parser.add_argument("--out", type=Path, default=Path("frontier.png"), help="the PNG to write")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")

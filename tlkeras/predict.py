@@ -13,7 +13,6 @@ backend sees the same pixels. Class names and S are read from the model itself.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlkeras.errors import UserError, run_cli
+from tlkeras.errors import ArgumentParser, UserError, run_cli
 
 BACKENDS = ("savedmodel", "onnx", "rest", "grpc")
 # A model: its input size S and a function from uint8 [n, S, S, 3] to (probabilities, names).
@@ -196,7 +195,7 @@ def top_k(probabilities: np.ndarray, names: tuple[str, ...], k: int) -> list[lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tlkeras.predict", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m tlkeras.predict", description=__doc__.split("\n")[0])
     parser.add_argument("images", nargs="+", help="JPEG, PNG, BMP or GIF files, any size")
     parser.add_argument("--model", required=True,
                         help="SavedModel folder, .onnx file, REST URL or grpc host:port/name")  # fmt: skip

@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 from tlkeras.console import quiet_libraries
-from tlkeras.errors import run_cli
+from tlkeras.errors import ArgumentParser, run_cli
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m tlkeras.train", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m tlkeras.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML file listing settings that differ from the defaults")
     parser.add_argument("--run-dir", type=Path, help="run folder (default runs/<time>-<name>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
