@@ -438,14 +438,22 @@ def test_a_tied_epoch_replaces_the_checkpoint(tmp_path):
     assert not np.array_equal(again.get_weights()[1], model.get_weights()[1])
 
 
-def test_mobilenet_v2_runs_both_phases_and_exports_behind_the_parity_gate(mock_cifar, tmp_path):
-    cfg = load_config(None, tiny_overrides(**{"model.backbone": "mobilenet_v2", "finetune.unfreeze": "block_16",
-                                              "export.enabled": "true", "runtime.mixed_precision": "float32"}))
+@pytest.mark.parametrize("strategy, precision, export",
+                         [("default", "float32", "true"), ("mirrored", "mixed_bfloat16", "false")])  # fmt: skip
+def test_mobilenet_v2_runs_both_phases_and_exports_behind_the_parity_gate(mock_cifar, tmp_path, strategy,
+                                                                          precision, export):  # fmt: skip
+    cfg = load_config(None, tiny_overrides(**{
+        "model.backbone": "mobilenet_v2", "finetune.unfreeze": "block_16", "export.enabled": export,
+        "runtime.mixed_precision": precision, "runtime.strategy": strategy,
+    }))  # fmt: skip
     summary = train_and_evaluate(cfg, tmp_path)
     head, ft = summary["phases"]["head"], summary["phases"]["finetune"]
     assert ft["trainable_parameters"] > head["trainable_parameters"]
-    (record,) = summary["exports"]
-    assert record["parity"]["onnx"]["identical_classes"] and record["parity"]["savedmodel"]["identical_classes"]
+    assert (summary["replicas"], summary["precision"]) == (2 if strategy == "mirrored" else 1, precision)
+    assert 0.0 <= summary["phases"]["finetune"]["val_accuracy"] <= 1.0
+    if export == "true":
+        (record,) = summary["exports"]
+        assert record["parity"]["onnx"]["identical_classes"] and record["parity"]["savedmodel"]["identical_classes"]
     assert read_epochs(tmp_path) == [0, 1]
 
 
