@@ -61,6 +61,7 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
             for p in line:
                 ax.annotate(f"{p['image_size']}px, {p['unfreeze']}", (p["minutes"], p["test_accuracy"]),
                             fontsize=7, xytext=(4, -10), textcoords="offset points")  # fmt: skip
+        ax.margins(0.15)  # room for the point labels
         ax.set_title(f"{size:,} training images")
         ax.set_xlabel("wall time, minutes (2-core CPU)")
         ax.set_ylabel("test accuracy")
