@@ -103,7 +103,15 @@ def bench_inference(savedmodel: Path, onnx_path: Path, quick: bool, mcfg) -> lis
 
 
 def quantize_int8(onnx_path: Path, out: Path, calibration: np.ndarray) -> None:
+    """Static QDQ int8 with per-channel weights, after onnxruntime's quantization
+    pre-processing (graph optimisation: fusions and constant folding, so the ranges are
+    calibrated on the graph that runs). Without it MobileNetV2 lost 5.9 points here
+    (0.891 -> 0.832 on 1,000 CIFAR-10 test images), with it none (0.892)."""
     from onnxruntime import quantization as q
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = out.with_name(f"{out.stem}.prepared.onnx")
+    quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)  # symbolic: needs sympy
 
     class Reader(q.CalibrationDataReader):
         def __init__(self):
@@ -114,7 +122,7 @@ def quantize_int8(onnx_path: Path, out: Path, calibration: np.ndarray) -> None:
             return None if batch is None else {"images": batch}
 
     q.quantize_static(
-        str(onnx_path), str(out), Reader(), quant_format=q.QuantFormat.QDQ,
+        str(prepared), str(out), Reader(), quant_format=q.QuantFormat.QDQ,
         activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8, per_channel=True,
     )  # fmt: skip
 
@@ -344,7 +352,7 @@ def bench_phase1(cfg, quick: bool) -> list[dict[str, Any]]:
             val, trained = splits.val, model
             start = time.perf_counter()
         compile_for_phase(trained, cfg, "head", 0)
-        history = trained.fit(train, validation_data=val, epochs=epochs, verbose=0)
+        history = trained.fit(train, validation_data=val, epochs=epochs, verbose=0, shuffle=False)  # tf.data shuffles
         return time.perf_counter() - start, history.history["val_accuracy"][-1]
 
     for ds in (splits.train_plain, shuffled, splits.val):  # fill the uint8 caches for both sides
