@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 
 from tlkeras.config import DataConfig
-from tlkeras.data import augment, feature_dataset, make_datasets
+from tlkeras.data import augment, feature_dataset, feature_epochs, make_datasets
 from tlkeras.errors import ConfigError, UserError
 
 
@@ -39,8 +39,8 @@ def test_augment_is_a_flip_and_shift_of_the_same_pixels():
               for im in (image.numpy(), image.numpy()[:, ::-1])]  # fmt: skip
     candidates = [p[dy:dy + 32, dx:dx + 32] for p in padded for dy in range(9) for dx in range(9)]
     seen = set()
-    for _ in range(20):
-        out = augment(image).numpy()
+    for i in range(20):
+        out = augment(image, tf.constant([0, i], tf.int64)).numpy()
         assert out.shape == (32, 32, 3) and out.dtype == np.uint8
         matches = [i for i, c in enumerate(candidates) if np.array_equal(out, c)]
         assert matches, "output is not a flipped/shifted copy of the input"
@@ -85,10 +85,10 @@ def test_feature_dataset_draws_either_view_and_every_example_once_per_epoch():
     labels = np.arange(n)
     plain = np.zeros((n, 4), np.float32) + labels[:, None]
     mirrored = -plain - 1  # tells the views apart: >= 0 plain, < 0 mirrored
-    ds = feature_dataset(plain, labels, 16, mirrored, seed=0)
+    epochs = feature_epochs(plain, labels, 16, 0, mirrored)
     mirrored_draws = np.zeros(n)
-    for _ in range(4):
-        batches = list(ds)
+    for k in range(4):
+        batches = list(epochs(k, k + 1))
         f = np.concatenate([f.numpy() for f, _ in batches])
         y = np.concatenate([y.numpy() for _, y in batches])
         assert sorted(y.tolist()) == labels.tolist()  # each example once per epoch
@@ -96,6 +96,18 @@ def test_feature_dataset_draws_either_view_and_every_example_once_per_epoch():
         mirrored_draws[y] += f[:, 0] < 0
     assert 0.3 < mirrored_draws.mean() / 4 < 0.7  # both views, about half each
     assert ((mirrored_draws > 0) & (mirrored_draws < 4)).any()  # an example's view changes between epochs
+
+
+def test_epochs_depend_on_seed_and_epoch_only(mock_cifar):
+    """A resumed run at (epoch 2, batch 1) gets the batches an uninterrupted run gets."""
+    splits = make_datasets(DataConfig(batch_size=8, shuffle_buffer=16, augment=True), seed=3)
+    whole = [x.numpy() for x, _ in splits.epochs(0, 3)]
+    assert len(whole) == 9  # 24 images: 3 batches per epoch
+    again = make_datasets(DataConfig(batch_size=8, shuffle_buffer=16, augment=True), seed=3)
+    resumed = [x.numpy() for x, _ in again.epochs(2, 3, skip=1)]
+    for a, b in zip(whole[7:], resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(whole[0], whole[3])  # a new order (and augmentation) each epoch
 
 
 def test_feature_dataset_without_seed_keeps_order():
