@@ -18,7 +18,9 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -536,16 +538,19 @@ def seeded_epochs(examples: tf.data.Dataset, batch_size: int, seed: int, buffer:
     receives a stateless seed of shape [2], unique per epoch and position.
     """
 
-    def one_epoch(epoch):
-        epoch_seed = seed * 1_000_003 + epoch  # int64: distinct for every (seed, epoch)
+    def one_epoch(epoch: int) -> tf.data.Dataset:
+        epoch_seed = seed * 1_000_003 + epoch  # distinct for every (seed, epoch); fits int64
         ds = examples.shuffle(buffer, seed=epoch_seed)
         if transform is not None:
-            ds = ds.enumerate().map(lambda i, ex: transform(*ex, tf.stack([epoch_seed, i])),
-                                    num_parallel_calls=tf.data.AUTOTUNE)  # fmt: skip
+            pair = lambda i: tf.stack([tf.constant(epoch_seed, tf.int64), i])  # noqa: E731
+            ds = ds.enumerate().map(lambda i, ex: transform(*ex, pair(i)), num_parallel_calls=tf.data.AUTOTUNE)
         return ds.batch(batch_size)
 
     def epochs(first: int, end: int, skip: int = 0) -> tf.data.Dataset:
-        return tf.data.Dataset.range(first, end).flat_map(one_epoch).skip(skip).prefetch(tf.data.AUTOTUNE)
+        ds = one_epoch(first)
+        for epoch in range(first + 1, end):  # Python ints: a shuffle seed may not be a tensor
+            ds = ds.concatenate(one_epoch(epoch))
+        return ds.skip(skip).prefetch(tf.data.AUTOTUNE)
 
     return epochs
 
@@ -617,3 +622,38 @@ def feature_epochs(features: np.ndarray, labels: np.ndarray, batch_size: int, se
     views = tf.data.Dataset.from_tensor_slices((features, flipped, labels))
     pick = lambda f, g, y, s: (tf.where(tf.random.stateless_uniform([], s) < 0.5, f, g), y)  # noqa: E731
     return seeded_epochs(views, batch_size, seed, len(labels), pick)
+
+
+def damaged_record_files(cfg: DataConfig) -> list[Path]:
+    """The tfds record files of `cfg.dataset` that do not read to the end (corrupt or
+    truncated), each read on its own: TensorFlow's DataLossError names no file."""
+    folder = Path(_tfds_builder(cfg).data_dir)
+    bad = []
+    for path in sorted(folder.glob("*.tfrecord*")):
+        try:
+            tf.data.TFRecordDataset(str(path)).reduce(0, lambda n, _: n + 1)
+        except tf.errors.DataLossError:
+            bad.append(path)
+    return bad
+
+
+@contextmanager
+def read_errors(cfg: DataConfig) -> Iterator[None]:
+    """Damaged data met while training reads it, as one UserError line naming the file:
+    a tfds record file that is corrupt or cut short (tf.errors.DataLossError), or an image
+    of a folder that became unreadable after the scan (ImageError inside tf.data)."""
+    try:
+        yield
+    except tf.errors.DataLossError as e:
+        bad = [] if is_folder(cfg.dataset) else damaged_record_files(cfg)
+        where = ", ".join(f"'{p}'" for p in bad[:3]) or f"a data file of '{cfg.dataset}'"
+        reason = e.message.splitlines()[0].split("}}")[-1].strip()[:120]
+        raise UserError(
+            f"{where} is damaged ({reason}); restore it from a good copy, or delete the "
+            f"dataset's folder and let tfds prepare it again (data.download=true)"
+        ) from None
+    except (tf.errors.UnknownError, tf.errors.InvalidArgumentError) as e:
+        found = re.search(r"ImageError: (.+)", e.message)
+        if found is None:
+            raise
+        raise ImageError(f"{found.group(1).strip()} (it was readable when the folder was scanned)") from None

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from tlkeras.console import quiet_libraries
-from tlkeras.errors import UserError, run_cli
+from tlkeras.errors import UserError, run_cli, writing
 
 INPUT = "images"
 BYTES_INPUT = "image_bytes"
@@ -302,7 +302,8 @@ def export_run(run_dir: Path, base: Path | None = None, name: str | None = None,
     model.set_weights(keras.models.load_model(model_path).get_weights())
     base = base or Path(cfg.export.base or run_dir / "export")  # where training exports
     images = parity_images(cfg, info, parity_count)
-    record = export_model(model, base, name or cfg.export.name, images, info.class_names)
+    with rundir.locked(base, "export base"), writing(base, "the export", 3 * sum(w.nbytes for w in model.get_weights())):
+        record = export_model(model, base, name or cfg.export.name, images, info.class_names)
     summary = rundir.read_json(run_dir / rundir.SUMMARY)
     if summary is not None:
         summary.setdefault("exports", []).append(record)
