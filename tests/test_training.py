@@ -283,6 +283,23 @@ def test_multi_worker_two_processes_agree_and_only_the_chief_writes(tmp_path):
     assert set(Path(tempfile.gettempdir()).glob("tlkeras-worker-*")) == temp_before  # cleaned
 
 
+def test_a_worker_whose_peer_never_comes_says_so_and_exits(tmp_path):
+    """The other worker of TF_CONFIG is never started: exit 1 after runtime.peer_timeout_s."""
+    import time
+
+    cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(Path(__file__).parents[1]),
+           "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}})}  # fmt: skip
+    args = [a for kv in tiny_overrides(**{"runtime.peer_timeout_s": "3"}) for a in ("--set", kv)]
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(MOCK_TRAIN), "--run-dir", str(tmp_path / "run"), *args],
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "waiting for the other workers" in done.stderr and cluster["worker"][1] in done.stderr
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
 def test_mirrored_step_equals_default_step_at_the_same_global_batch():
     """Per-replica batch and loss reduction: 2 replicas x 4 == 1 replica x 8."""
     import numpy as np

@@ -18,8 +18,10 @@ StepBackup fills that gap and nothing more:
   bounds the work a kill loses whatever the step time), and at every epoch end;
 - writes are atomic (a temporary file, then os.replace): a kill or a full disk mid-write
   leaves the previous backup whole, so no second copy is needed;
-- the running train loss/accuracy of the interrupted epoch are saved with it and put back,
-  so metrics.csv's row for that epoch averages the whole epoch (one replica only: summed
+- the dropout layers' random state is saved with it, so the resumed steps draw the
+  masks the uninterrupted run draws;
+- the running train loss/accuracy of the interrupted epoch are saved with it and added
+  back, so metrics.csv's row for that epoch averages the whole epoch (one replica only:
   per-replica metric state cannot be assigned from outside a step).
 """
 
@@ -40,7 +42,9 @@ import numpy as np
 from tlkeras.errors import UserError
 
 log = logging.getLogger("tlkeras")
-METRICS_ATTR = "tlkeras_metrics"  # HDF5 attribute of the backup: the epoch's metric state so far
+# HDF5 attributes of the backup beside what save_weights writes: the epoch's metric state
+# so far, and the dropout layers' random state (Keras saves no seed generator state).
+METRICS_ATTR, SEEDS_ATTR = "tlkeras_metrics", "tlkeras_seeds"
 
 
 class Preempted(UserError):
@@ -113,6 +117,7 @@ class StepBackup(keras.callbacks.BackupAndRestore):
         self.every_s = every_s
         self.stop = stop
         self._metric_state: list | None = None
+        self._epoch = 0
         self._last_save = time.monotonic()
 
     def restore(self, model: keras.Model) -> int:
@@ -127,10 +132,13 @@ class StepBackup(keras.callbacks.BackupAndRestore):
             model.optimizer.build(model.trainable_variables)
         model.load_weights(self.path)
         with h5py.File(self.path, "r") as f:
-            state = f.attrs.get(METRICS_ATTR)
+            metrics, seeds = f.attrs.get(METRICS_ATTR), f.attrs.get(SEEDS_ATTR)
+        if seeds is not None:
+            for v, value in zip(_seed_states(model), json.loads(seeds), strict=True):
+                v.assign(np.asarray(value, dtype=v.dtype))
         done = int(model.optimizer.iterations.numpy())
-        if state is not None and done % self.steps:
-            self._metric_state = json.loads(state)
+        if metrics is not None and done % self.steps:
+            self._metric_state = json.loads(metrics)
         return done
 
     def position(self) -> int:
@@ -149,12 +157,16 @@ class StepBackup(keras.callbacks.BackupAndRestore):
             self.stop.deferred = False
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self._metric_state is not None:  # after fit's reset_metrics for the resumed epoch
-            variables = [v for m in self.model.metrics for v in m.variables]
-            if self.model.distribute_strategy.num_replicas_in_sync == 1 and len(variables) == len(self._metric_state):
-                for v, value in zip(variables, self._metric_state):
-                    v.assign(np.asarray(value, dtype=v.dtype))
-            self._metric_state = None
+        self._epoch = epoch
+
+    def _add_back_metrics(self):
+        # After the resumed epoch's first step: Keras builds its compile metrics in that
+        # step. Its Mean metrics keep (total, count) sums, so adding is restoring.
+        variables = [v for m in self.model.metrics for v in m.variables]
+        if self.model.distribute_strategy.num_replicas_in_sync == 1 and len(variables) == len(self._metric_state):
+            for v, value in zip(variables, self._metric_state):
+                v.assign_add(np.asarray(value, dtype=v.dtype))
+        self._metric_state = None
 
     def on_test_begin(self, logs=None):
         if self.stop:  # validation can take minutes: a signal stops it at once
@@ -167,6 +179,8 @@ class StepBackup(keras.callbacks.BackupAndRestore):
             self.stop.deferred = True
 
     def on_train_batch_end(self, batch, logs=None):
+        if self._metric_state is not None:
+            self._add_back_metrics()
         stopping = self.stop is not None and self.stop.requested
         due = self.every_s > 0 and time.monotonic() - self._last_save >= self.every_s
         if not (stopping or due):
@@ -176,7 +190,7 @@ class StepBackup(keras.callbacks.BackupAndRestore):
         # written here would claim the epoch done before its row exists.
         if done % self.steps:
             self._save_model()
-            where = f"at epoch {done // self.steps + 1}, step {done % self.steps} of {self.steps} (backup saved)"
+            where = f"after step {done % self.steps} of {self.steps} in epoch {self._epoch + 1} (backup saved)"
         else:
             where = "at the end of an epoch's steps; the last backup stands"
         if stopping:
@@ -202,10 +216,15 @@ class StepBackup(keras.callbacks.BackupAndRestore):
                 with h5py.File(tmp, "a") as f:
                     state = [np.asarray(v.numpy()).tolist() for m in self.model.metrics for v in m.variables]
                     f.attrs[METRICS_ATTR] = json.dumps(state)
+                    f.attrs[SEEDS_ATTR] = json.dumps([np.asarray(v.numpy()).tolist() for v in _seed_states(self.model)])
                 os.replace(tmp, self.path)
             finally:
                 tmp.unlink(missing_ok=True)
         self._last_save = time.monotonic()
+
+
+def _seed_states(model: keras.Model) -> list:
+    return [v for v in model.variables if "seed_generator_state" in v.path]
 
 
 def _state_bytes(model: keras.Model) -> int:

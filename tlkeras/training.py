@@ -21,7 +21,6 @@ import math
 import os
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -105,23 +104,20 @@ def compile_for_phase(model: keras.Model, cfg: Config, phase: str, steps: int) -
 
 @contextlib.contextmanager
 def peer_watchdog(timeout_s: float, peers: list[str]):
-    """Stops the process with one line if the block (joining the other workers) has not
-    finished after `timeout_s`: TF's collectives wait for absent peers forever. The
-    main thread is then blocked inside TensorFlow, so only os._exit can end it."""
-    done = threading.Event()
+    """Ends the process (status 1) if the block, joining the other workers, has not finished
+    after `timeout_s`: TensorFlow waits for absent peers forever, holding the GIL, so
+    neither a Python thread nor a signal handler runs. faulthandler's timer is a C thread
+    that needs no GIL; the line saying what happens is printed before the wait."""
+    import faulthandler
 
-    def watch():
-        if not done.wait(timeout_s):
-            print(f"error: no answer from the other workers ({', '.join(peers)}) after {timeout_s:.0f} s; "
-                  f"start every task in TF_CONFIG's cluster, or raise runtime.peer_timeout_s",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="peer-watchdog").start()
-    try:
-        yield
-    finally:
-        done.set()
+    log.info("waiting for the other workers (%s); if they do not all answer within %.0f s "
+             "(runtime.peer_timeout_s) this worker exits with status 1", ", ".join(peers), timeout_s)  # fmt: skip
+    with open(os.devnull, "w") as devnull:  # the timer's thread dump is noise here
+        faulthandler.dump_traceback_later(timeout_s, exit=True, file=devnull)
+        try:
+            yield
+        finally:
+            faulthandler.cancel_dump_traceback_later()
 
 
 def _drop_unreadable_backup(backup_dir: Path, phase: str) -> None:
