@@ -369,3 +369,44 @@ def test_symlinked_folders_are_followed_and_loops_are_not(tmp_path):
     (root / "b" / "gone.png").symlink_to(tmp_path / "missing.png")
     info = make(folder_cfg(root, image_size=16, val_fraction=0.1, test_fraction=0.1)).info
     assert info.num_train + info.num_val + info.num_test == 14  # 5 + 4 linked, and b's 5 once
+
+
+def test_a_corrupt_record_file_is_one_line_naming_it(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from tlkeras import data
+
+    paths = [tmp_path / f"cifar10-train.tfrecord-0000{i}-of-00002" for i in range(2)]
+    for path in paths:
+        with tf.io.TFRecordWriter(str(path)) as writer:
+            for i in range(20):
+                writer.write(bytes([i]) * 100)
+    damaged = bytearray(paths[1].read_bytes())
+    damaged[500:520] = b"\xff" * 20  # a flipped stretch inside a record: its checksum fails
+    paths[1].write_bytes(bytes(damaged))
+    monkeypatch.setattr(data, "_tfds_builder", lambda cfg: SimpleNamespace(data_dir=str(tmp_path)))
+
+    with pytest.raises(UserError) as e:
+        with data.read_errors(DataConfig()):
+            for _ in tf.data.TFRecordDataset([str(p) for p in paths]):
+                pass
+    assert str(e.value).startswith(f"'{paths[1]}' is damaged (") and "\n" not in str(e.value)
+
+    paths[0].write_bytes(paths[0].read_bytes()[:-30])  # and one cut short
+    assert data.damaged_record_files(DataConfig()) == paths
+
+
+def test_an_image_unreadable_after_the_scan_is_one_line_naming_it(tmp_path):
+    from conftest import make_image_folder
+    from tlkeras.data import read_errors
+    from tlkeras.images import ImageError
+
+    root = make_image_folder(tmp_path / "photos", {"a": 6, "b": 6})
+    cfg = DataConfig(dataset=str(root), batch_size=4, cache=False, val_fraction=0.2, test_fraction=0.2)
+    splits = make_datasets(cfg)
+    (root / "a" / "0.png").write_bytes(b"not an image any more")
+    (root / "b" / "0.png").write_bytes(b"not an image any more")
+    with pytest.raises(ImageError, match=r"'.*/[ab]/0\.png'.*\(it was readable when the folder was scanned\)"):
+        with read_errors(cfg):
+            for split in (splits.train_plain, splits.val, splits.test):
+                list(split)
