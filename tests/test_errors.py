@@ -258,3 +258,23 @@ def test_full_disk_during_the_export_publishes_nothing_and_the_rerun_finishes(mo
     monkeypatch.setattr(export, "save_onnx", real)  # space freed
     assert main(args) == 0
     assert [p.name for p in (run / "export" / "tlkeras").iterdir()] == ["1"]
+
+
+def test_a_backup_that_cannot_fit_is_refused_before_hdf5_starts_writing(tmp_path, monkeypatch):
+    """HDF5 can crash the process when the disk fills mid-file: the space is checked first."""
+    import shutil
+    from collections import namedtuple
+
+    import keras
+
+    from tlkeras.errors import UserError
+    from tlkeras.resume import StepBackup
+
+    model = _tiny_model()
+    backup = StepBackup(tmp_path / "backup", steps=3, every_s=0)
+    backup.set_model(model)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
+    monkeypatch.setattr(keras.Model, "save_weights", lambda *a, **k: pytest.fail("written"))
+    with pytest.raises(UserError, match=r"no space left on the device while writing the resume backup .*\(0 MB free, about \d+ MB needed\)"):
+        backup._save_model()

@@ -45,20 +45,30 @@ def writing(path: Path, what: str, needed_bytes: int = 0) -> Iterator[None]:
     line with the free space and roughly what is needed. Every writer below is atomic
     (temporary file or folder, then a rename), so the previous version stays intact and
     the same command resumes once space is freed."""
+    # Checked first when the size is known: HDF5 (h5py) may crash the process rather than
+    # raise when the disk fills in the middle of a file (a segfault on a full tmpfs).
+    if needed_bytes and _free_bytes(path) < needed_bytes * 1.01 + 2**20:
+        raise _full(DISK_PROBLEMS[errno.ENOSPC][1], path, what, needed_bytes)
     try:
         yield
     except Exception as e:
         problem = disk_problem(e)
         if problem is None:
             raise
-        path = Path(getattr(e, "filename", None) or path)
-        folder = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
-        free = shutil.disk_usage(folder).free
-        need = f", about {max(needed_bytes, 1) / 1e6:.0f} MB needed" if needed_bytes else ""
-        raise UserError(
-            f"{problem} while writing {what} to '{path}' ({free / 1e6:.0f} MB free{need}); "
-            f"nothing earlier was lost: free some space and rerun the same command to resume"
-        ) from None
+        raise _full(problem, Path(getattr(e, "filename", None) or path), what, needed_bytes) from None
+
+
+def _free_bytes(path: Path) -> int:
+    folder = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    return shutil.disk_usage(folder).free
+
+
+def _full(problem: str, path: Path, what: str, needed_bytes: int) -> UserError:
+    need = f", about {needed_bytes / 1e6:.0f} MB needed" if needed_bytes else ""
+    return UserError(
+        f"{problem} while writing {what} to '{path}' ({_free_bytes(path) / 1e6:.0f} MB free{need}); "
+        f"nothing earlier was lost: free some space and rerun the same command to resume"
+    )
 
 
 def run_cli(main: Callable[[], int | None], debug: bool) -> int:

@@ -210,7 +210,7 @@ class StepBackup(keras.callbacks.BackupAndRestore):
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")
-        with writing(self.path, "the resume backup", _state_bytes(self.model)):
+        with writing(self.path, "the resume backup", state_bytes(self.model)):
             try:
                 self.model.save_weights(str(tmp), overwrite=True)
                 with h5py.File(tmp, "a") as f:
@@ -227,7 +227,7 @@ def _seed_states(model: keras.Model) -> list:
     return [v for v in model.variables if "seed_generator_state" in v.path]
 
 
-def _state_bytes(model: keras.Model) -> int:
+def state_bytes(model: keras.Model) -> int:
     """Roughly what a backup takes on disk: the weights and the optimizer's variables."""
-    variables = [*model.weights, *(model.optimizer.variables if model.optimizer else [])]
+    variables = [*model.weights, *(model.optimizer.variables if getattr(model, "optimizer", None) else [])]
     return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)

@@ -40,7 +40,7 @@ from tlkeras.policies import (
     balanced_class_weights, choose_precision, final_phase, choose_strategy, is_chief, per_replica_batch,
     read_cpu_flags, steps_per_epoch, warmup_steps,
 )  # fmt: skip
-from tlkeras.resume import GracefulStop, StepBackup
+from tlkeras.resume import GracefulStop, StepBackup, state_bytes
 
 log = logging.getLogger("tlkeras")
 PHASES = ("head", "finetune")
@@ -180,7 +180,7 @@ class WholeModelCheckpoint(keras.callbacks.ModelCheckpoint):
     def _save_model(self, epoch, batch, logs):
         # Written aside, then renamed: a kill or a full disk mid-write keeps the previous best.
         try:
-            with writing(Path(self.filepath), "the best checkpoint"):
+            with writing(Path(self.filepath), "the best checkpoint", state_bytes(self.model)):
                 super()._save_model(epoch, batch, logs)
                 if self.tmp.exists():
                     os.replace(self.tmp, self.filepath)
