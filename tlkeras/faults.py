@@ -40,13 +40,14 @@ DURABLE = ("backup/*/latest.weights.h5", "checkpoints/*", "features/*.json", "me
 class Trainer:
     """Starts `python -m tlkeras.train` on one run folder, output appended to <folder>.out."""
 
-    def __init__(self, run_dir: Path, train_args: list[str]):
+    def __init__(self, run_dir: Path, train_args: list[str], out: Path | None = None):
         self.run_dir, self.args = run_dir, train_args
+        self.out = out or run_dir.with_name(run_dir.name + ".out")
         self.log_start = 0  # train.log is appended to: only what the current process wrote counts
 
     def start(self) -> subprocess.Popen:
         self.run_dir.parent.mkdir(parents=True, exist_ok=True)
-        out = self.run_dir.with_name(self.run_dir.name + ".out").open("a")
+        out = self.out.open("a")
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
         self.log_start = len(self.log(all_of_it=True))
         cmd = [sys.executable, "-m", "tlkeras.train", "--run-dir", str(self.run_dir), *self.args]
@@ -58,7 +59,7 @@ class Trainer:
         return text if all_of_it else text[self.log_start:]
 
     def stderr_tail(self, lines: int = 5) -> list[str]:
-        text = self.run_dir.with_name(self.run_dir.name + ".out").read_text()
+        text = self.out.read_text()
         return [line for line in text.splitlines() if line.strip()][-lines:]
 
     def stages_left(self) -> list[str]:
@@ -214,7 +215,7 @@ def full_disk(out: Path, train_args: list[str], reference_dir: Path, reference: 
         return {"kind": "not run: tmpfs not mountable here (needs root); simulated ENOSPC is "
                         "covered by tests/test_errors.py::test_full_disk_*"}  # fmt: skip
     try:
-        trainer = Trainer(mount / "run", train_args)
+        trainer = Trainer(mount / "run", train_args, out=out / "disk.out")  # the output outlives the tmpfs
         first = trainer.start().wait()
         tail = trainer.stderr_tail(3)
         result = {"kind": f"tmpfs of {small / 2**20:.0f} MiB (the reference run folder: {need / 2**20:.0f} MiB)",
