@@ -91,6 +91,34 @@ def test_phase1_computes_the_frozen_features_once(mock_cifar, tmp_path, mirrored
     assert whole.evaluate(val, verbose=0)[1] == pytest.approx(summary["phases"]["head"]["val_accuracy"])
 
 
+def test_a_resumed_phase1_reuses_its_verified_features(mock_cifar, tmp_path):
+    from tlkeras import training
+
+    calls = []
+    real = training.compute_features
+
+    def counting(extractor, images, flip=False):
+        calls.append(flip)
+        return real(extractor, images, flip)
+
+    def crash(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    cfg = load_config(None, tiny_overrides(**{"head.epochs": "2", "finetune.epochs": "0"}))
+    with mock.patch.object(training, "compute_features", counting):
+        with mock.patch.object(keras.callbacks.TerminateOnNaN, "on_epoch_begin", crash):
+            with pytest.raises(KeyboardInterrupt):
+                train_and_evaluate(cfg, tmp_path)
+        assert calls == [False, True, False]  # train, mirrored train, val: saved in features/
+        val = tmp_path / "features" / "val.npz"
+        val.write_bytes(val.read_bytes()[:-8] + b"damaged!")  # fails its checksum: recomputed
+        train_and_evaluate(cfg, tmp_path)
+    assert calls == [False, True, False, False]  # only the damaged part again
+    assert read_epochs(tmp_path) == [0, 1]
+    assert not (tmp_path / "features").exists()  # deleted once phase 1 is done
+
+
 def test_finished_run_is_never_overwritten(mock_cifar, tmp_path):
     cfg = load_config(None, tiny_overrides(**{"finetune.epochs": "0"}))
     train_and_evaluate(cfg, tmp_path)

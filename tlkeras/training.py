@@ -121,9 +121,9 @@ def peer_watchdog(timeout_s: float, peers: list[str]):
 
 
 def _drop_unreadable_backup(backup_dir: Path, phase: str) -> None:
-    """A kill during a phase's first backup write leaves a half-written file with no older
-    copy (Keras falls back to `.bkp` when there is one, and raises otherwise): restart the
-    phase's backup instead of failing on every rerun. At most that epoch is redone."""
+    """A backup is replaced atomically, but one damaged on disk (or cut by a kill under an
+    older tlkeras, which wrote it in place) would fail every rerun: restart the phase
+    instead."""
     import h5py
 
     latest = backup_dir / "latest.weights.h5"
@@ -399,6 +399,7 @@ def fit_phase(
         record["feature_extraction_s"] = round(features_s, 1)
     rundir.write_json(ckpt_dir / f"{phase}.json", record)
     shutil.rmtree(backup_dir, ignore_errors=True)
+    shutil.rmtree(run_dir / "features", ignore_errors=True)  # phase 1 is never redone now
     return record
 
 
