@@ -105,9 +105,10 @@ def compile_for_phase(model: keras.Model, cfg: Config, phase: str, steps: int) -
 @contextlib.contextmanager
 def peer_watchdog(timeout_s: float, peers: list[str]):
     """Ends the process (status 1) if the block, joining the other workers, has not finished
-    after `timeout_s`: TensorFlow waits for absent peers forever, holding the GIL, so
-    neither a Python thread nor a signal handler runs. faulthandler's timer is a C thread
-    that needs no GIL; the line saying what happens is printed before the wait."""
+    after `timeout_s`: TensorFlow waits for absent peers forever, and while it does no
+    Python thread runs (a threading.Timer never fired: the GIL is held) nor does a signal
+    handler. faulthandler's timer is a C thread that needs no GIL; the line saying what
+    will happen is logged before the wait."""
     import faulthandler
 
     log.info("waiting for the other workers (%s); if they do not all answer within %.0f s "
