@@ -100,7 +100,7 @@ class RuntimeConfig:
     steps_per_execution: int = 1
     # Minutes between resume backups inside an epoch (taken at a step boundary; there is
     # one at every epoch end too), so a kill loses about this much work plus a step. One
-    # backup of VGG16 with its Adam state (176 MB) takes about 0.3 s on 2 CPU cores:
+    # backup of VGG16 with its Adam state (176 MB) takes about 0.4 s on 2 CPU cores:
     # under 1% of a minute. 0: epoch ends only.
     backup_minutes: float = 1.0
     # True: two runs with the same seed give identical metrics.csv and weights (TF op

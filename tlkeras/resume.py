@@ -91,7 +91,7 @@ class GracefulStop:
         self.signum = signum
         log.warning("%s received: stopping at the next step boundary", signal.Signals(signum).name)
         if not self.deferred:
-            raise self.error("before its next backup")
+            raise self.error("outside the training steps; what is saved stands")
 
     def error(self, where: str) -> Preempted:
         name = signal.Signals(self.signum).name
