@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 
 from tlkeras.config import DataConfig
-from tlkeras.data import augment, feature_dataset, make_datasets
+from tlkeras.data import augment, feature_dataset, feature_epochs, make_datasets
 from tlkeras.errors import ConfigError, UserError
 
 
@@ -39,8 +39,8 @@ def test_augment_is_a_flip_and_shift_of_the_same_pixels():
               for im in (image.numpy(), image.numpy()[:, ::-1])]  # fmt: skip
     candidates = [p[dy:dy + 32, dx:dx + 32] for p in padded for dy in range(9) for dx in range(9)]
     seen = set()
-    for _ in range(20):
-        out = augment(image).numpy()
+    for i in range(20):
+        out = augment(image, tf.constant([0, i], tf.int64)).numpy()
         assert out.shape == (32, 32, 3) and out.dtype == np.uint8
         matches = [i for i, c in enumerate(candidates) if np.array_equal(out, c)]
         assert matches, "output is not a flipped/shifted copy of the input"
@@ -85,10 +85,10 @@ def test_feature_dataset_draws_either_view_and_every_example_once_per_epoch():
     labels = np.arange(n)
     plain = np.zeros((n, 4), np.float32) + labels[:, None]
     mirrored = -plain - 1  # tells the views apart: >= 0 plain, < 0 mirrored
-    ds = feature_dataset(plain, labels, 16, mirrored, seed=0)
+    epochs = feature_epochs(plain, labels, 16, 0, mirrored)
     mirrored_draws = np.zeros(n)
-    for _ in range(4):
-        batches = list(ds)
+    for k in range(4):
+        batches = list(epochs(k, k + 1))
         f = np.concatenate([f.numpy() for f, _ in batches])
         y = np.concatenate([y.numpy() for _, y in batches])
         assert sorted(y.tolist()) == labels.tolist()  # each example once per epoch
@@ -96,6 +96,18 @@ def test_feature_dataset_draws_either_view_and_every_example_once_per_epoch():
         mirrored_draws[y] += f[:, 0] < 0
     assert 0.3 < mirrored_draws.mean() / 4 < 0.7  # both views, about half each
     assert ((mirrored_draws > 0) & (mirrored_draws < 4)).any()  # an example's view changes between epochs
+
+
+def test_epochs_depend_on_seed_and_epoch_only(mock_cifar):
+    """A resumed run at (epoch 2, batch 1) gets the batches an uninterrupted run gets."""
+    splits = make_datasets(DataConfig(batch_size=8, shuffle_buffer=16, augment=True), seed=3)
+    whole = [x.numpy() for x, _ in splits.epochs(0, 3)]
+    assert len(whole) == 9  # 24 images: 3 batches per epoch
+    again = make_datasets(DataConfig(batch_size=8, shuffle_buffer=16, augment=True), seed=3)
+    resumed = [x.numpy() for x, _ in again.epochs(2, 3, skip=1)]
+    for a, b in zip(whole[7:], resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(whole[0], whole[3])  # a new order (and augmentation) each epoch
 
 
 def test_feature_dataset_without_seed_keeps_order():
@@ -357,3 +369,44 @@ def test_symlinked_folders_are_followed_and_loops_are_not(tmp_path):
     (root / "b" / "gone.png").symlink_to(tmp_path / "missing.png")
     info = make(folder_cfg(root, image_size=16, val_fraction=0.1, test_fraction=0.1)).info
     assert info.num_train + info.num_val + info.num_test == 14  # 5 + 4 linked, and b's 5 once
+
+
+def test_a_corrupt_record_file_is_one_line_naming_it(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from tlkeras import data
+
+    paths = [tmp_path / f"cifar10-train.tfrecord-0000{i}-of-00002" for i in range(2)]
+    for path in paths:
+        with tf.io.TFRecordWriter(str(path)) as writer:
+            for i in range(20):
+                writer.write(bytes([i]) * 100)
+    damaged = bytearray(paths[1].read_bytes())
+    damaged[500:520] = b"\xff" * 20  # a flipped stretch inside a record: its checksum fails
+    paths[1].write_bytes(bytes(damaged))
+    monkeypatch.setattr(data, "_tfds_builder", lambda cfg: SimpleNamespace(data_dir=str(tmp_path)))
+
+    with pytest.raises(UserError) as e:
+        with data.read_errors(DataConfig()):
+            for _ in tf.data.TFRecordDataset([str(p) for p in paths]):
+                pass
+    assert str(e.value).startswith(f"'{paths[1]}' is damaged (") and "\n" not in str(e.value)
+
+    paths[0].write_bytes(paths[0].read_bytes()[:-30])  # and one cut short
+    assert data.damaged_record_files(DataConfig()) == paths
+
+
+def test_an_image_unreadable_after_the_scan_is_one_line_naming_it(tmp_path):
+    from conftest import make_image_folder
+    from tlkeras.data import read_errors
+    from tlkeras.images import ImageError
+
+    root = make_image_folder(tmp_path / "photos", {"a": 6, "b": 6})
+    cfg = DataConfig(dataset=str(root), batch_size=4, cache=False, val_fraction=0.2, test_fraction=0.2)
+    splits = make_datasets(cfg)
+    (root / "a" / "0.png").write_bytes(b"not an image any more")
+    (root / "b" / "0.png").write_bytes(b"not an image any more")
+    with pytest.raises(ImageError, match=r"'.*/[ab]/0\.png'.*\(it was readable when the folder was scanned\)"):
+        with read_errors(cfg):
+            for split in (splits.train_plain, splits.val, splits.test):
+                list(split)

@@ -1,5 +1,7 @@
 """The bad-input suite: one readable line, a non-zero exit, no traceback, nothing lost."""
 
+import os
+
 import pytest
 
 from conftest import tiny_overrides
@@ -63,10 +65,11 @@ def test_finished_run_folder_is_refused_and_kept(mock_cifar, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["--run-dir", str(run), *sets(**{"finetune.epochs": "0"})]) == 0
     capsys.readouterr()
-    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    files = lambda: {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}  # noqa: E731
+    before = files()  # .lock names its latest holder, the refused run included
     _, err = run_train(capsys, "--run-dir", str(run), *sets(**{"finetune.epochs": "0"}))
     assert "holds a finished run" in err
-    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert files() == before
 
 
 def test_nan_loss_stops_and_deletes_the_diverged_checkpoint(mock_cifar, tmp_path, capsys, monkeypatch):
@@ -117,3 +120,172 @@ def test_a_bad_flag_is_one_line_and_exit_2(capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--epochs 3" in err and "usage" not in err
+
+
+@pytest.mark.parametrize(
+    "tf_config, message",
+    [
+        ("{not json", "the TF_CONFIG environment variable is not valid JSON"),
+        ('{"cluster": {"worker": ["a:1", "b:2"]}}', "has no 'task' with a 'type' and an 'index'"),
+        ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}',
+         "task index 2 is out of range: cluster.worker lists 2 address(es), so 0 to 1"),
+    ],
+)  # fmt: skip
+def test_bad_tf_config_is_one_line_before_tensorflow_starts(tmp_path, capsys, monkeypatch, tf_config, message):
+    monkeypatch.setenv("TF_CONFIG", tf_config)
+    code, err = run_train(capsys, "--run-dir", str(tmp_path / "run"), *sets())
+    assert code == 1 and message in err and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- full disks
+
+
+def no_space(path):
+    import errno
+
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
+def test_full_disk_writing_a_json_file_keeps_the_old_one(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from tlkeras import rundir
+    from tlkeras.errors import UserError
+
+    path = tmp_path / "summary.json"
+    rundir.write_json(path, {"old": 1})
+
+    def half_then_full(self, text):
+        Path.write_bytes(self, text.encode()[:3])
+        raise no_space(self)
+
+    monkeypatch.setattr(Path, "write_text", half_then_full)
+    with pytest.raises(UserError, match=r"no space left on the device while writing 'summary.json' to '.*\.summary\.json\.tmp' \(\d+ MB free"):
+        rundir.write_json(path, {"new": 2})
+    monkeypatch.undo()
+    assert rundir.read_json(path) == {"old": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def _tiny_model():
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dropout(0.5), keras.layers.Dense(2, activation="softmax")])
+    model.compile(keras.optimizers.Adam(), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def _full_disk_save_weights(monkeypatch):
+    """keras.Model.save_weights writes a few bytes of its file, then the disk is full."""
+    import keras
+
+    def save_weights(self, filepath, overwrite=True, **kwargs):
+        open(filepath, "wb").write(b"\x89HDF partial")
+        raise OSError(f"Unable to synchronously write file (file write failed: errno = 28, error message = 'No space left on device', name = '{filepath}')")
+
+    monkeypatch.setattr(keras.Model, "save_weights", save_weights)
+
+
+def test_full_disk_writing_a_backup_keeps_the_previous_backup(tmp_path, monkeypatch):
+    import numpy as np
+
+    from tlkeras.errors import UserError
+    from tlkeras.resume import StepBackup
+
+    model = _tiny_model()
+    backup = StepBackup(tmp_path / "backup", steps=3, every_s=0)
+    backup.set_model(model)
+    backup._save_model()
+    before = [w.copy() for w in model.get_weights()]
+    model.set_weights([w + 1 for w in before])
+    _full_disk_save_weights(monkeypatch)
+    with pytest.raises(UserError, match=r"no space left on the device while writing the resume backup .* MB needed\)"):
+        backup._save_model()
+    monkeypatch.undo()
+    again = _tiny_model()
+    StepBackup(tmp_path / "backup", steps=3, every_s=0).restore(again)
+    for a, b in zip(again.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+    assert [p.name for p in (tmp_path / "backup").iterdir()] == ["latest.weights.h5"]
+
+
+def test_full_disk_writing_the_best_checkpoint_keeps_the_previous_best(tmp_path, monkeypatch):
+    from tlkeras.errors import UserError
+    from tlkeras.training import WholeModelCheckpoint
+
+    model = _tiny_model()
+    path = tmp_path / "best.weights.h5"
+    ckpt = WholeModelCheckpoint(model, str(path), monitor="val_accuracy", mode="max",
+                                save_best_only=True, save_weights_only=True)  # fmt: skip
+    ckpt.set_model(model)
+    ckpt.on_epoch_end(0, {"val_accuracy": 0.5})
+    before = path.read_bytes()
+    _full_disk_save_weights(monkeypatch)
+    with pytest.raises(UserError, match="while writing the best checkpoint to"):
+        ckpt.on_epoch_end(1, {"val_accuracy": 0.9})
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["best.weights.h5"]
+
+
+def test_full_disk_writing_the_features_cache_keeps_the_cached_part(tmp_path, monkeypatch):
+    import numpy as np
+
+    from tlkeras.errors import UserError
+    from tlkeras.training import load_or_compute_features
+
+    old = (np.ones((4, 3), np.float32), np.arange(4))
+    load_or_compute_features(tmp_path, "train", "A", lambda: old)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def full(file, **arrays):
+        open(file, "wb").write(b"PK partial")
+        raise no_space(file)
+
+    monkeypatch.setattr(np, "savez", full)
+    with pytest.raises(UserError, match="while writing the features cache"):
+        load_or_compute_features(tmp_path, "train", "B", lambda: (old[0] * 2, old[1]))
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
+    reused = load_or_compute_features(tmp_path, "train", "A", lambda: pytest.fail("recomputed"))
+    np.testing.assert_array_equal(reused[0], old[0])
+
+
+def test_full_disk_during_the_export_publishes_nothing_and_the_rerun_finishes(mock_cifar, tmp_path, capsys, monkeypatch):
+    import tensorflow as tf
+
+    from tlkeras import export
+
+    real = export.save_onnx
+
+    def full(*args, **kwargs):
+        raise tf.errors.UnknownError(None, None, "Failed to write: No space left on device")
+
+    monkeypatch.setattr(export, "save_onnx", full)
+    run = tmp_path / "run"
+    args = ["--run-dir", str(run), *sets(**{"export.enabled": "true", "finetune.epochs": "0"})]
+    code, err = run_train(capsys, *args)
+    assert code == 1 and f"no space left on the device while writing the export to '{run / 'export'}'" in err
+    assert "free some space and rerun the same command" in err
+    assert not list((run / "export").rglob("saved_model.pb")) and not (run / "summary.json").exists()
+    monkeypatch.setattr(export, "save_onnx", real)  # space freed
+    assert main(args) == 0
+    assert [p.name for p in (run / "export" / "tlkeras").iterdir()] == ["1"]
+
+
+def test_a_backup_that_cannot_fit_is_refused_before_hdf5_starts_writing(tmp_path, monkeypatch):
+    """HDF5 can crash the process when the disk fills mid-file: the space is checked first."""
+    import shutil
+    from collections import namedtuple
+
+    import keras
+
+    from tlkeras.errors import UserError
+    from tlkeras.resume import StepBackup
+
+    model = _tiny_model()
+    backup = StepBackup(tmp_path / "backup", steps=3, every_s=0)
+    backup.set_model(model)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
+    monkeypatch.setattr(keras.Model, "save_weights", lambda *a, **k: pytest.fail("written"))
+    with pytest.raises(UserError, match=r"no space left on the device while writing the resume backup .*\(0 MB free, about \d+ MB needed\)"):
+        backup._save_model()

@@ -108,3 +108,24 @@ def test_assign_splits_never_reports_on_the_split_that_picks_the_epoch(available
 
     explicit = {"train": None, "val": None, "test": None, **explicit}
     assert assign_splits(available, explicit) == expected
+
+
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ('{"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}', None),
+        ("{oops", "is not valid JSON"),
+        ("[1, 2]", "must be a JSON object"),
+        ('{"task": {"type": "worker", "index": 0}}', "has no 'cluster'"),
+        ('{"cluster": {"worker": "a:1"}, "task": {"type": "worker", "index": 0}}', "cluster.worker must be a list of 'host:port'"),
+        ('{"cluster": {"worker": ["a:1"]}}', "has no 'task'"),
+        ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}', "task type 'chief' is not in the cluster (worker)"),
+        ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 1}}', "task index 1 is out of range"),
+        ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": "0"}}', "task index '0' is out of range"),
+    ],
+)  # fmt: skip
+def test_tf_config_problem(text, problem):
+    from tlkeras.policies import tf_config_problem
+
+    found = tf_config_problem(text)
+    assert found == problem if problem is None else problem in found

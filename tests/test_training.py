@@ -91,6 +91,34 @@ def test_phase1_computes_the_frozen_features_once(mock_cifar, tmp_path, mirrored
     assert whole.evaluate(val, verbose=0)[1] == pytest.approx(summary["phases"]["head"]["val_accuracy"])
 
 
+def test_a_resumed_phase1_reuses_its_verified_features(mock_cifar, tmp_path):
+    from tlkeras import training
+
+    calls = []
+    real = training.compute_features
+
+    def counting(extractor, images, flip=False):
+        calls.append(flip)
+        return real(extractor, images, flip)
+
+    def crash(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    cfg = load_config(None, tiny_overrides(**{"head.epochs": "2", "finetune.epochs": "0"}))
+    with mock.patch.object(training, "compute_features", counting):
+        with mock.patch.object(keras.callbacks.TerminateOnNaN, "on_epoch_begin", crash):
+            with pytest.raises(KeyboardInterrupt):
+                train_and_evaluate(cfg, tmp_path)
+        assert calls == [False, True, False]  # train, mirrored train, val: saved in features/
+        val = tmp_path / "features" / "val.npz"
+        val.write_bytes(val.read_bytes()[:-8] + b"damaged!")  # fails its checksum: recomputed
+        train_and_evaluate(cfg, tmp_path)
+    assert calls == [False, True, False, False]  # only the damaged part again
+    assert read_epochs(tmp_path) == [0, 1]
+    assert not (tmp_path / "features").exists()  # deleted once phase 1 is done
+
+
 def test_finished_run_is_never_overwritten(mock_cifar, tmp_path):
     cfg = load_config(None, tiny_overrides(**{"finetune.epochs": "0"}))
     train_and_evaluate(cfg, tmp_path)
@@ -281,6 +309,23 @@ def test_multi_worker_two_processes_agree_and_only_the_chief_writes(tmp_path):
     assert log.count("starting run in") == 1  # the other worker never wrote here
     assert [p.name for p in (run / "export" / "tlkeras").iterdir()] == ["1"]  # one export
     assert set(Path(tempfile.gettempdir()).glob("tlkeras-worker-*")) == temp_before  # cleaned
+
+
+def test_a_worker_whose_peer_never_comes_says_so_and_exits(tmp_path):
+    """The other worker of TF_CONFIG is never started: exit 1 after runtime.peer_timeout_s."""
+    import time
+
+    cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(Path(__file__).parents[1]),
+           "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}})}  # fmt: skip
+    args = [a for kv in tiny_overrides(**{"runtime.peer_timeout_s": "3"}) for a in ("--set", kv)]
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, str(MOCK_TRAIN), "--run-dir", str(tmp_path / "run"), *args],
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "waiting for the other workers" in done.stderr and cluster["worker"][1] in done.stderr
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "run" / "summary.json").exists()
 
 
 def test_mirrored_step_equals_default_step_at_the_same_global_batch():

@@ -18,6 +18,9 @@ import hashlib
 import json
 import logging
 import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,11 +80,12 @@ class DatasetInfo:
 
 @dataclass
 class Splits:
-    train: tf.data.Dataset
+    train: tf.data.Dataset  # the first epoch's batches: shuffled, augmented
     train_plain: tf.data.Dataset  # in order, not augmented: for computing features once
     val: tf.data.Dataset
     test: tf.data.Dataset
     info: DatasetInfo
+    epochs: EpochsFn  # epochs(first, end, skip): any epochs' batches, as `seeded_epochs`
 
     @property
     def num_train(self) -> int:
@@ -507,14 +511,48 @@ def warn_overlap(roles: list[str], shared, described: dict[str, str]) -> None:
 
 
 
-def augment(image: tf.Tensor) -> tf.Tensor:
+def augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     """Random horizontal flip and translation: reflect-pad by S/8, then a random S x S crop
-    (4 pixels at 32x32, the usual CIFAR augmentation)."""
+    (4 pixels at 32x32, the usual CIFAR augmentation). Stateless: `seed` (shape [2]) alone
+    decides the draw, so a resumed run augments as the uninterrupted one would."""
+    flip_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     shape = tf.shape(image)
     pad = image.shape[0] // 8 if image.shape[0] else 4
-    image = tf.image.random_flip_left_right(image)
+    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
     padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-    return tf.image.random_crop(padded, shape)
+    return tf.image.stateless_random_crop(padded, shape, crop_seed)
+
+
+EpochsFn = Callable[..., tf.data.Dataset]
+
+
+def seeded_epochs(examples: tf.data.Dataset, batch_size: int, seed: int, buffer: int,
+                  transform: Callable | None = None) -> EpochsFn:  # fmt: skip
+    """`epochs(first, end, skip=0)`: the training batches of epochs first..end-1, in one
+    dataset, without the first `skip` batches.
+
+    Epoch k's order and random transforms are functions of (seed, k) alone, not of how
+    many epochs this process has already run (tf.data's reshuffle_each_iteration starts
+    again at the first epoch's order in a new process): a run resumed at epoch k, batch b
+    gets the very batches an uninterrupted run gets there. `transform(*example, seed)`
+    receives a stateless seed of shape [2], unique per epoch and position.
+    """
+
+    def one_epoch(epoch: int) -> tf.data.Dataset:
+        epoch_seed = seed * 1_000_003 + epoch  # distinct for every (seed, epoch); fits int64
+        ds = examples.shuffle(buffer, seed=epoch_seed)
+        if transform is not None:
+            pair = lambda i: tf.stack([tf.constant(epoch_seed, tf.int64), i])  # noqa: E731
+            ds = ds.enumerate().map(lambda i, ex: transform(*ex, pair(i)), num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.batch(batch_size)
+
+    def epochs(first: int, end: int, skip: int = 0) -> tf.data.Dataset:
+        ds = one_epoch(first)
+        for epoch in range(first + 1, end):  # Python ints: a shuffle seed may not be a tensor
+            ds = ds.concatenate(one_epoch(epoch))
+        return ds.skip(skip).prefetch(tf.data.AUTOTUNE)
+
+    return epochs
 
 
 def _count(ds: tf.data.Dataset, key: str, split: str | None) -> int:
@@ -561,30 +599,61 @@ def make_datasets(cfg: DataConfig, seed: int = 0, model_size: int = 224) -> Spli
         num_train=counts[0], num_val=counts[1], num_test=counts[2],
         train_class_counts=tuple(int(n) for n in per_class), splits=dict(source),
     )  # fmt: skip
-    plain = train
-    # A new shuffle order every epoch; seeded so a rerun is reproducible.
-    train = train.shuffle(min(cfg.shuffle_buffer, counts[0]), seed=seed,
-                          reshuffle_each_iteration=True)  # fmt: skip
-    if cfg.augment:
-        train = train.map(lambda x, y: (augment(x), y), num_parallel_calls=auto)
-    batched = [d.batch(cfg.batch_size).prefetch(auto) for d in (train, plain, val, test)]
-    return Splits(*batched, info)
+    transform = (lambda x, y, s: (augment(x, s), y)) if cfg.augment else None
+    epochs = seeded_epochs(train, cfg.batch_size, seed, min(cfg.shuffle_buffer, counts[0]), transform)
+    batched = [d.batch(cfg.batch_size).prefetch(auto) for d in (train, val, test)]
+    return Splits(epochs(0, 1), *batched, info, epochs)
 
 
-def feature_dataset(
-    features: np.ndarray, labels: np.ndarray, batch_size: int,
-    flipped: np.ndarray | None = None, seed: int | None = None,
-) -> tf.data.Dataset:  # fmt: skip
-    """Cached features as batches; shuffled each epoch when `seed` is given.
+def feature_dataset(features: np.ndarray, labels: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """Cached features as batches, in order (validation)."""
+    return tf.data.Dataset.from_tensor_slices((features, labels)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def feature_epochs(features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
+                   flipped: np.ndarray | None = None) -> EpochsFn:  # fmt: skip
+    """Cached training features as `seeded_epochs`, shuffled every epoch.
 
     With `flipped` (features of the mirrored images) each example is drawn as either
     view at random: the flip augmentation survives caching, random crops do not.
     """
-    parts = (features, labels) if flipped is None else (features, flipped, labels)
-    ds = tf.data.Dataset.from_tensor_slices(parts)
-    if seed is not None:
-        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    if flipped is not None:
-        # After the shuffle: the draws repeat each epoch but land on other examples.
-        ds = ds.map(lambda f, g, y: (tf.where(tf.random.uniform([], seed=seed) < 0.5, f, g), y))
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    if flipped is None:
+        return seeded_epochs(tf.data.Dataset.from_tensor_slices((features, labels)), batch_size, seed, len(labels))
+    views = tf.data.Dataset.from_tensor_slices((features, flipped, labels))
+    pick = lambda f, g, y, s: (tf.where(tf.random.stateless_uniform([], s) < 0.5, f, g), y)  # noqa: E731
+    return seeded_epochs(views, batch_size, seed, len(labels), pick)
+
+
+def damaged_record_files(cfg: DataConfig) -> list[Path]:
+    """The tfds record files of `cfg.dataset` that do not read to the end (corrupt or
+    truncated), each read on its own: TensorFlow's DataLossError names no file."""
+    folder = Path(_tfds_builder(cfg).data_dir)
+    bad = []
+    for path in sorted(folder.glob("*.tfrecord*")):
+        try:
+            tf.data.TFRecordDataset(str(path)).reduce(0, lambda n, _: n + 1)
+        except tf.errors.DataLossError:
+            bad.append(path)
+    return bad
+
+
+@contextmanager
+def read_errors(cfg: DataConfig) -> Iterator[None]:
+    """Damaged data met while training reads it, as one UserError line naming the file:
+    a tfds record file that is corrupt or cut short (tf.errors.DataLossError), or an image
+    of a folder that became unreadable after the scan (ImageError inside tf.data)."""
+    try:
+        yield
+    except tf.errors.DataLossError as e:
+        bad = [] if is_folder(cfg.dataset) else damaged_record_files(cfg)
+        where = ", ".join(f"'{p}'" for p in bad[:3]) or f"a data file of '{cfg.dataset}'"
+        reason = e.message.splitlines()[0].split("}}")[-1].strip()[:120]
+        raise UserError(
+            f"{where} is damaged ({reason}); restore it from a good copy, or delete the "
+            f"dataset's folder and let tfds prepare it again (data.download=true)"
+        ) from None
+    except (tf.errors.UnknownError, tf.errors.InvalidArgumentError) as e:
+        found = re.search(r"ImageError: (.+)", e.message)
+        if found is None:
+            raise
+        raise ImageError(f"{found.group(1).strip()} (it was readable when the folder was scanned)") from None

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from tlkeras.console import quiet_libraries
-from tlkeras.errors import ArgumentParser, UserError, run_cli
+from tlkeras.errors import ArgumentParser, UserError, run_cli, writing
 
 INPUT = "images"
 BYTES_INPUT = "image_bytes"
@@ -295,13 +295,15 @@ def export_run(run_dir: Path, base: Path | None = None, name: str | None = None,
         )
     cfg = load_config(run_dir / "config.yaml")
     info = rundir.load_dataset(run_dir)
-    # Rebuilt in float32 whatever the training precision, as training's own export does.
-    keras.mixed_precision.set_global_policy("float32")
-    model = build_model(cfg.model, info, load_weights=False)
-    model.set_weights(keras.models.load_model(model_path).get_weights())
     base = base or Path(cfg.export.base or run_dir / "export")  # where training exports
-    images = parity_images(cfg, info, parity_count)
-    record = export_model(model, base, name or cfg.export.name, images, info.class_names)
+    with rundir.locked(base, "export base"):  # one writer: versions are numbered by what is there
+        # Rebuilt in float32 whatever the training precision, as training's own export does.
+        keras.mixed_precision.set_global_policy("float32")
+        model = build_model(cfg.model, info, load_weights=False)
+        model.set_weights(keras.models.load_model(model_path).get_weights())
+        images = parity_images(cfg, info, parity_count)
+        with writing(base, "the export", 3 * sum(w.nbytes for w in model.get_weights())):
+            record = export_model(model, base, name or cfg.export.name, images, info.class_names)
     summary = rundir.read_json(run_dir / rundir.SUMMARY)
     if summary is not None:
         summary.setdefault("exports", []).append(record)

@@ -48,6 +48,36 @@ def is_chief(task_type: str | None, task_id: int | None, cluster_has_chief: bool
     return task_type == "worker" and task_id == 0
 
 
+def tf_config_problem(text: str) -> str | None:
+    """What is wrong with a TF_CONFIG value, in words, or None if it describes a cluster
+    and this process's place in it (TensorFlow itself raises a JSONDecodeError or a
+    ValueError traceback, or waits)."""
+    import json
+
+    try:
+        tf_config = json.loads(text)
+    except ValueError as e:
+        return f"is not valid JSON ({e})"
+    example = '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", "index": 0}}'
+    if not isinstance(tf_config, dict):
+        return f"must be a JSON object such as {example}"
+    cluster, task = tf_config.get("cluster"), tf_config.get("task")
+    if not isinstance(cluster, dict) or not cluster:
+        return f"has no 'cluster' of task types and addresses, e.g. {example}"
+    for kind, addresses in cluster.items():
+        if not isinstance(addresses, list) or not addresses or not all(isinstance(a, str) and ":" in a for a in addresses):
+            return f"cluster.{kind} must be a list of 'host:port' addresses, not {addresses!r}"
+    if not isinstance(task, dict) or "type" not in task or "index" not in task:
+        return f"has no 'task' with a 'type' and an 'index', e.g. {example}"
+    kind, index = task["type"], task["index"]
+    if kind not in cluster:
+        return f"task type {kind!r} is not in the cluster ({', '.join(cluster)})"
+    n = len(cluster[kind])
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n:
+        return f"task index {index!r} is out of range: cluster.{kind} lists {n} address(es), so 0 to {n - 1}"
+    return None
+
+
 def choose_precision(requested: str, num_gpus: int, cpu_flags: set[str] = frozenset()) -> str:
     """auto: float16 on GPUs (Tensor Cores); bfloat16 on CPUs with native bf16 matrix
     units (AMX / AVX512-BF16: 2x images/s measured on this project's CPU); else float32,

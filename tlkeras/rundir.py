@@ -7,23 +7,29 @@
       checkpoints/{head,finetune}_best.weights.h5    best by validation accuracy
       checkpoints/{head,finetune}.json               a phase's record; marks it finished
       backup/<phase>/                                BackupAndRestore state while a phase runs
+      features/                                      phase 1's frozen-base features, verified on reuse
       model.keras  confusion_matrix.png  summary.json    summary.json marks the run finished
+      .lock                                          held by the one process writing the folder
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
 import platform
+import socket
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tlkeras.config import Config, dump_yaml, is_folder, to_flat_dict
-from tlkeras.errors import UserError
+from tlkeras.errors import UserError, writing
 
 SUMMARY = "summary.json"
 METRICS = "metrics.csv"
@@ -60,6 +66,44 @@ def prepare(run_dir: Path, cfg: Config, argv: list[str]) -> bool:
     write_atomic(config_file, dump_yaml(cfg))
     write_json(run_dir / "environment.json", environment(argv))
     return False
+
+
+LOCK = ".lock"
+
+
+@contextmanager
+def locked(folder: Path, what: str = "run folder") -> Iterator[None]:
+    """Holds an exclusive advisory lock (fcntl.flock) on `folder`/.lock while the block runs.
+
+    A second process asking for it is refused at once with a UserError naming the holder
+    (pid and host, written into the file). The kernel drops the lock when its process
+    dies, however it dies, so a lock left by a killed run is taken over with no clean-up.
+    flock is per machine: on a network file system shared by several machines it may
+    not exclude a process elsewhere, hence the host in the message.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        f = (folder / LOCK).open("a+")
+    except OSError as e:
+        raise UserError(f"{what} '{folder}' is not writable ({e.strerror}); pass a writable folder") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise UserError(
+            f"{what} '{folder}' is in use by another tlkeras process ({holder}); wait for it "
+            f"to finish or stop it (kill <pid>), or use another folder"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()  # releases the lock; the file stays (removing it would race a newcomer)
 
 
 def record_dataset(run_dir: Path, info) -> None:
@@ -141,8 +185,12 @@ def environment(argv: list[str]) -> dict[str, Any]:
 def write_atomic(path: Path, text: str) -> None:
     """Write-then-rename, so a crash never leaves a half-written file under `path`."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with writing(path, f"'{path.name}'", len(text.encode())):
+        try:
+            tmp.write_text(text)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -12,7 +12,10 @@ worse) and evaluated once on the test split.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import json
 import logging
 import math
 import os
@@ -25,17 +28,19 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_config  # op determinism: no public off switch or query
 
 from tlkeras import rundir
 from tlkeras.config import Config
-from tlkeras.data import DatasetInfo, Splits, feature_dataset, make_datasets
-from tlkeras.errors import UserError
+from tlkeras.data import DatasetInfo, Splits, feature_dataset, feature_epochs, make_datasets, read_errors
+from tlkeras.errors import UserError, writing
 from tlkeras.export import export_model
 from tlkeras.model import build_model, set_finetune_trainable, split_at_features
 from tlkeras.policies import (
     balanced_class_weights, choose_precision, final_phase, choose_strategy, is_chief, per_replica_batch,
     read_cpu_flags, steps_per_epoch, warmup_steps,
 )  # fmt: skip
+from tlkeras.resume import GracefulStop, StepBackup, state_bytes
 
 log = logging.getLogger("tlkeras")
 PHASES = ("head", "finetune")
@@ -97,16 +102,29 @@ def compile_for_phase(model: keras.Model, cfg: Config, phase: str, steps: int) -
     )
 
 
-def _resumed_epoch(backup_dir: Path, default: int) -> int:
-    # BackupAndRestore records the next epoch to run in this file.
-    meta = rundir.read_json(backup_dir / "training_metadata.json")
-    return int(meta["epoch"]) if meta else default
+@contextlib.contextmanager
+def peer_watchdog(timeout_s: float, peers: list[str]):
+    """Ends the process (status 1) if the block, joining the other workers, has not finished
+    after `timeout_s`: TensorFlow waits for absent peers forever, and while it does no
+    Python thread runs (a threading.Timer never fired: the GIL is held) nor does a signal
+    handler. faulthandler's timer is a C thread that needs no GIL; the line saying what
+    will happen is logged before the wait."""
+    import faulthandler
+
+    log.info("waiting for the other workers (%s); if they do not all answer within %.0f s "
+             "(runtime.peer_timeout_s) this worker exits with status 1", ", ".join(peers), timeout_s)  # fmt: skip
+    with open(os.devnull, "w") as devnull:  # the timer's thread dump is noise here
+        faulthandler.dump_traceback_later(timeout_s, exit=True, file=devnull)
+        try:
+            yield
+        finally:
+            faulthandler.cancel_dump_traceback_later()
 
 
 def _drop_unreadable_backup(backup_dir: Path, phase: str) -> None:
-    """A kill during a phase's first backup write leaves a half-written file with no older
-    copy (Keras falls back to `.bkp` when there is one, and raises otherwise): restart the
-    phase's backup instead of failing on every rerun. At most that epoch is redone."""
+    """A backup is replaced atomically, but one damaged on disk (or cut by a kill under an
+    older tlkeras, which wrote it in place) would fail every rerun: restart the phase
+    instead."""
     import h5py
 
     latest = backup_dir / "latest.weights.h5"
@@ -154,6 +172,21 @@ class WholeModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     def set_model(self, model):
         super().set_model(self.whole)
+        path = Path(self.filepath)
+        self.tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+
+    def _get_file_path(self, epoch, batch, logs):
+        return str(self.tmp)
+
+    def _save_model(self, epoch, batch, logs):
+        # Written aside, then renamed: a kill or a full disk mid-write keeps the previous best.
+        try:
+            with writing(Path(self.filepath), "the best checkpoint", state_bytes(self.model)):
+                super()._save_model(epoch, batch, logs)
+                if self.tmp.exists():
+                    os.replace(self.tmp, self.filepath)
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
     def on_epoch_end(self, epoch, logs=None):
         current = (logs or {}).get(self.monitor)
@@ -174,21 +207,82 @@ def compute_features(
     return np.concatenate(feats), np.concatenate(labels)
 
 
+def features_fingerprint(cfg: Config, info: DatasetInfo) -> str:
+    """What the frozen features depend on: the base and its weights, the data and its
+    splits, the seed (carves; random weights) and the precision. Anything else may change."""
+    weights = cfg.model.weights
+    if weights not in (None, "imagenet"):  # a file: its identity, not its path alone
+        stat = Path(weights).expanduser().stat()
+        weights = f"{Path(weights).expanduser().resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("batch_size", "shuffle_buffer")}
+    key = {"model": {**dataclasses.asdict(cfg.model), "weights": weights}, "data": data, "seed": cfg.seed,
+           "dataset": info.to_dict(), "precision": keras.mixed_precision.global_policy().name}  # fmt: skip
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_or_compute_features(folder: Path, part: str, fingerprint: str, compute) -> tuple[np.ndarray, np.ndarray]:
+    """(features, labels) of one part (train, mirrored train, val) from `folder` when
+    its manifest matches `fingerprint` and the file's checksum, else `compute()`d and
+    saved atomically (the .npz first, then the manifest that vouches for it)."""
+    data, manifest = folder / f"{part}.npz", folder / f"{part}.json"
+    meta = rundir.read_json(manifest) if manifest.exists() else None
+    if meta and meta.get("fingerprint") == fingerprint and data.exists() and _sha256(data) == meta["sha256"]:
+        with np.load(data) as f:
+            features, labels = f["features"], f["labels"]
+        if list(features.shape) == meta["shape"]:
+            return features, labels
+    if meta:
+        log.warning("head: cached %s features in %s do not match this run or are damaged; recomputing", part, folder)
+    features, labels = compute()
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f".{part}.{os.getpid()}.tmp.npz"
+    with writing(data, "the features cache", features.nbytes + labels.nbytes):
+        try:
+            np.savez(tmp, features=features, labels=labels)
+            os.replace(tmp, data)
+        finally:
+            tmp.unlink(missing_ok=True)
+    rundir.write_json(manifest, {"fingerprint": fingerprint, "sha256": _sha256(data), "shape": list(features.shape)})
+    return features, labels
+
+
 def cached_feature_data(
-    extractor: keras.Model, cfg: Config, splits: Splits
-) -> tuple[tf.data.Dataset, tf.data.Dataset, float]:  # fmt: skip
-    """Phase 1's train and val sets as features of the frozen base, computed once."""
+    extractor: keras.Model, cfg: Config, splits: Splits, run_dir: Path
+) -> tuple[Any, tf.data.Dataset, float]:  # fmt: skip
+    """Phase 1's train epochs (`data.feature_epochs`) and val set as features of the frozen
+    base, computed once; each part is kept in run_dir/features/ and reused by a resumed run."""
     start = time.perf_counter()
-    features, labels = compute_features(extractor, splits.train_plain)
+    folder, key = run_dir / "features", features_fingerprint(cfg, splits.info)
     mirror = cfg.data.augment and cfg.head.mirrored_features
-    flipped = compute_features(extractor, splits.train_plain, flip=True)[0] if mirror else None
-    val_features, val_labels = compute_features(extractor, splits.val)
+    computed = []
+
+    def part(name, images, flip=False):
+        def compute():
+            computed.append(name)
+            return compute_features(extractor, images, flip)
+
+        return load_or_compute_features(folder, name, key, compute)
+
+    features, labels = part("train", splits.train_plain)
+    flipped = part("train_mirrored", splits.train_plain, flip=True)[0] if mirror else None
+    val_features, val_labels = part("val", splits.val)
     seconds = time.perf_counter() - start
     images = len(labels) * (2 if mirror else 1) + len(val_labels)
-    log.info("head: features of %d images (%s) in %.0f s, %.0f images/s; cached for every epoch",
-             images, "train, mirrored train, val" if mirror else "train, val",
-             seconds, images / seconds)  # fmt: skip
-    train = feature_dataset(features, labels, cfg.data.batch_size, flipped, seed=cfg.seed)
+    what = "train, mirrored train, val" if mirror else "train, val"
+    if computed:
+        log.info("head: features of %d images (%s) in %.0f s, %.0f images/s; cached for every epoch",
+                 images, what, seconds, images / seconds)  # fmt: skip
+    else:
+        log.info("head: features of %d images (%s) reused from %s", images, what, folder)
+    train = feature_epochs(features, labels, cfg.data.batch_size, cfg.seed, flipped)
     val = feature_dataset(val_features, val_labels, cfg.data.batch_size)
     return train, val, seconds
 
@@ -196,8 +290,9 @@ def cached_feature_data(
 def fit_phase(
     phase: str, cfg: Config, strategy: tf.distribute.Strategy, splits: Splits,
     run_dir: Path, first_epoch: int, epochs: int, init_weights: Path | None,
+    stop: GracefulStop | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Trains one phase (resuming its backup if any) and returns its record."""
+    """Trains one phase (resuming its backup if any, mid-epoch) and returns its record."""
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
     best_path = ckpt_dir / f"{phase}_best.weights.h5"
@@ -216,9 +311,12 @@ def fit_phase(
         # The base is frozen in phase 1: its features are computed once, not every epoch.
         extractor, trained = split_at_features(model) if phase == "head" else (None, model)
         compile_for_phase(trained, cfg, phase, steps)
+        _drop_unreadable_backup(backup_dir, phase)
+        backup = StepBackup(backup_dir, steps, cfg.runtime.backup_minutes * 60, stop)
+        # The optimizer's step count says where the backup was taken: epoch and batch.
+        done_epochs, skip = divmod(backup.restore(trained), steps)
 
-    _drop_unreadable_backup(backup_dir, phase)
-    resume_at = _resumed_epoch(backup_dir, first_epoch)
+    resume_at = first_epoch + done_epochs
     rundir.truncate_metrics(run_dir, resume_at)
     done = [r for r in rundir.read_metrics(run_dir) if r["epoch"] >= first_epoch]
     best_so_far = max((r["val_accuracy"] for r in done), default=None)
@@ -227,9 +325,9 @@ def fit_phase(
         log.warning("%s: %s is unreadable (interrupted write); discarding it", phase, best_path)
         best_path.unlink()
         best_so_far = None
-    if resume_at > first_epoch:
-        log.info("%s: resuming at epoch %d (best val_accuracy so far %s)",
-                 phase, resume_at + 1, best_so_far)  # fmt: skip
+    if resume_at > first_epoch or skip:
+        log.info("%s: resuming at epoch %d%s (best val_accuracy so far %s)", phase, resume_at + 1,
+                 f", step {skip + 1} of {steps}" if skip else "", best_so_far)  # fmt: skip
     trainable = sum(int(np.prod(v.shape)) for v in trained.trainable_weights)
     log.info("%s: epochs %d-%d, %d trainable parameters, %d steps/epoch, %d replica(s)",
              phase, first_epoch + 1, first_epoch + epochs, trainable, steps,
@@ -244,30 +342,38 @@ def fit_phase(
         keras.callbacks.CSVLogger(str(run_dir / rundir.METRICS), append=True),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
         # Last: an epoch counts as done only after its metrics row and best checkpoint
-        # are written. Double: a kill mid-write falls back to the previous epoch's state.
-        # Kept after fit until the phase record exists, so no kill loses the phase.
-        keras.callbacks.BackupAndRestore(
-            str(backup_dir), double_checkpoint=True, delete_checkpoint=False
-        ),
+        # are written. Kept after fit until the phase record exists, so no kill loses the phase.
+        backup,
     ]
     start = time.perf_counter()
-    train, val, features_s = (
-        cached_feature_data(extractor, cfg, splits) if extractor else (splits.train, splits.val, None)
-    )
+    with read_errors(cfg.data):
+        train_epochs, val, features_s = (
+            cached_feature_data(extractor, cfg, splits, run_dir) if extractor else (splits.epochs, splits.val, None)
+        )
     weights = balanced_class_weights(splits.info.train_class_counts) if cfg.data.class_weight else None
-    history = trained.fit(
-        train, validation_data=val, initial_epoch=first_epoch, class_weight=weights,
-        epochs=first_epoch + epochs, callbacks=callbacks, shuffle=False,  # tf.data shuffles
-        verbose=1 if sys.stdout.isatty() else 2,
-    )  # fmt: skip
+    end = first_epoch + epochs
+    # fit runs the same number of steps every epoch: the rest of an interrupted epoch is a fit of its own.
+    segments = [(resume_at, resume_at + 1, skip), (resume_at + 1, end, 0)] if skip else [(resume_at, end, 0)]
+    losses: list[float] = []
+    last_epoch = resume_at
+    for begin, until, skipped in segments:
+        if begin >= until or any(not math.isfinite(v) for v in losses):
+            continue
+        with read_errors(cfg.data), writing(run_dir, "checkpoints, backups and metrics"):
+            history = trained.fit(
+                train_epochs(begin, until, skipped), steps_per_epoch=steps - skipped,
+                validation_data=val, initial_epoch=begin, epochs=until, class_weight=weights,
+                callbacks=callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 2,
+            )  # fmt: skip
+        losses += history.history.get("loss", [])
+        last_epoch = history.epoch[-1] if history.epoch else last_epoch
     wall = time.perf_counter() - start
-    losses = history.history.get("loss", [])
     if any(not math.isfinite(v) for v in losses):
         kept = _drop_if_not_finite(model, best_path)
         where = f"the last good weights are in '{best_path}'" if kept else "no good weights were saved in this phase"
         lr = getattr(cfg, phase).learning_rate
         raise UserError(
-            f"{phase}: the loss became NaN/inf in epoch {history.epoch[-1] + 1}, so "
+            f"{phase}: the loss became NaN/inf in epoch {last_epoch + 1}, so "
             f"training stopped; {where}. Lower {phase}.learning_rate (now {lr:g}) and "
             f"train again with a new --run-dir"
         )
@@ -294,6 +400,7 @@ def fit_phase(
         record["feature_extraction_s"] = round(features_s, 1)
     rundir.write_json(ckpt_dir / f"{phase}.json", record)
     shutil.rmtree(backup_dir, ignore_errors=True)
+    shutil.rmtree(run_dir / "features", ignore_errors=True)  # phase 1 is never redone now
     return record
 
 
@@ -355,32 +462,42 @@ def train_and_evaluate(cfg: Config, run_dir: Path, argv: list[str] = ()) -> dict
     restarted cluster resumes at the same epoch everywhere) and delete it at the end.
     """
     start = time.perf_counter()
-    strategy = make_strategy(cfg.runtime.strategy)  # first: multi-worker needs a fresh runtime
+    cluster = json.loads(os.environ["TF_CONFIG"])["cluster"] if "TF_CONFIG" in os.environ else {}
+    peers = [address for addresses in cluster.values() for address in addresses]
+    with peer_watchdog(cfg.runtime.peer_timeout_s, peers) if peers else contextlib.nullcontext():
+        strategy = make_strategy(cfg.runtime.strategy)  # first: multi-worker needs a fresh runtime
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):  # every worker is there
+            strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
     resolver = getattr(strategy, "cluster_resolver", None)
     chief = resolver is None or is_chief(
         resolver.task_type, resolver.task_id, "chief" in resolver.cluster_spec().as_dict()
     )
-    if chief:
-        resuming = rundir.prepare(run_dir, cfg, list(argv))
-        workdir = run_dir
-    else:
-        workdir = rundir.worker_copy(run_dir)
-        resuming = (workdir / "backup").exists() or (workdir / "checkpoints").exists()
-    handler = logging.FileHandler(workdir / "train.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    policy = keras.mixed_precision.global_policy()
-    try:
-        return _train(cfg, strategy, workdir, chief, resuming, start)
-    except UserError as e:  # the console gets it from the CLI; the log must say why it stopped
-        handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "error: %s", (e,), None))
-        raise
-    finally:
-        keras.mixed_precision.set_global_policy(policy)  # leave no global state behind
-        log.removeHandler(handler)
-        handler.close()
-        if not chief:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        if chief:  # one writer per run folder; other workers write a private copy
+            stack.enter_context(rundir.locked(run_dir))
+            resuming = rundir.prepare(run_dir, cfg, list(argv))
+            workdir = run_dir
+        else:
+            workdir = rundir.worker_copy(run_dir)
+            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+            resuming = (workdir / "backup").exists() or (workdir / "checkpoints").exists()
+        handler = logging.FileHandler(workdir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        policy = keras.mixed_precision.global_policy()
+        determinism = tf_config.is_op_determinism_enabled()
+        try:
+            with GracefulStop(run_dir) as stop:
+                return _train(cfg, strategy, workdir, chief, resuming, start, stop)
+        except UserError as e:  # the console gets it from the CLI; the log must say why it stopped
+            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, f"{e.label}: %s", (e,), None))
+            raise
+        finally:  # leave no global state behind
+            keras.mixed_precision.set_global_policy(policy)
+            if not determinism:
+                tf_config.disable_op_determinism()
+            log.removeHandler(handler)
+            handler.close()
 
 
 def weights_fingerprint(model: keras.Model) -> str:
@@ -391,9 +508,11 @@ def weights_fingerprint(model: keras.Model) -> str:
 
 
 def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: bool,
-           resuming: bool, start: float) -> dict[str, Any]:  # fmt: skip
+           resuming: bool, start: float, stop: GracefulStop | None = None) -> dict[str, Any]:  # fmt: skip
     log.info("%s run in %s", "resuming" if resuming else "starting", run_dir)
     keras.utils.set_random_seed(cfg.seed)
+    if cfg.runtime.deterministic:  # the data order is the seed's already; this fixes the float sums
+        tf.config.experimental.enable_op_determinism()
     gpus = tf.config.list_physical_devices("GPU")
     precision = choose_precision(cfg.runtime.mixed_precision, len(gpus), read_cpu_flags())
     keras.mixed_precision.set_global_policy(precision)
@@ -429,7 +548,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
             log.info("%s: finished earlier (val_accuracy %.4f); not redone",
                      phase, record["val_accuracy"])  # fmt: skip
         else:
-            record = fit_phase(phase, cfg, strategy, splits, run_dir, epoch, epochs, weights)
+            record = fit_phase(phase, cfg, strategy, splits, run_dir, epoch, epochs, weights, stop)
         records[phase] = record
         weights = run_dir / record["best_weights"]
         epoch += epochs
@@ -450,18 +569,25 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
     if not chief:
         return {"worker": True, "weights_sha256": fingerprint, "phases": records}
 
-    results = evaluate(model, splits.test, info.class_names)
-    save_confusion_png(results["confusion_matrix"], info.class_names, info.name,
-                       run_dir / "confusion_matrix.png")  # fmt: skip
+    with read_errors(cfg.data):
+        results = evaluate(model, splits.test, info.class_names)
+    with writing(run_dir / "confusion_matrix.png", "the confusion matrix"):
+        save_confusion_png(results["confusion_matrix"], info.class_names, info.name,
+                           run_dir / "confusion_matrix.png")  # fmt: skip
     tmp_model = run_dir / ".model.tmp.keras"
-    model.save(tmp_model)
-    os.replace(tmp_model, run_dir / "model.keras")
+    with writing(run_dir / "model.keras", "the model", 2 * sum(w.nbytes for w in model.get_weights())):
+        try:
+            model.save(tmp_model)
+            os.replace(tmp_model, run_dir / "model.keras")
+        finally:
+            tmp_model.unlink(missing_ok=True)
 
     exports = []
     if cfg.export.enabled:
         first_test = np.stack([x.numpy() for x, _ in splits.test.unbatch().take(64)])
         base = Path(cfg.export.base) if cfg.export.base else run_dir / "export"
-        exports.append(export_model(model, base, cfg.export.name, first_test, info.class_names))
+        with rundir.locked(base, "export base"), writing(base, "the export", 3 * sum(w.nbytes for w in model.get_weights())):
+            exports.append(export_model(model, base, cfg.export.name, first_test, info.class_names))
         log.info("exported version %d: %s and %s (parity max |diff| %.1e / %.1e)",
                  exports[0]["version"], exports[0]["savedmodel"], exports[0]["onnx"],
                  exports[0]["parity"]["savedmodel"]["max_abs_diff"],

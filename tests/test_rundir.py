@@ -1,0 +1,67 @@
+"""The run folder's one-writer lock (tlkeras/rundir.py)."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from tlkeras import rundir
+from tlkeras.config import load_config
+from tlkeras.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_second_writer_is_refused_with_the_holder_named(tmp_path):
+    with rundir.locked(tmp_path):
+        with pytest.raises(UserError, match=rf"run folder '{tmp_path}' is in use by another tlkeras process \(pid {os.getpid()} on "):
+            with rundir.locked(tmp_path):
+                pass
+    with rundir.locked(tmp_path):  # released at the end of the block
+        pass
+
+
+def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from tlkeras import rundir\n"
+         "with rundir.locked(Path(sys.argv[1])):\n print('held', flush=True); time.sleep(60)", str(tmp_path)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError, match=f"pid {holder.pid} "):
+        with rundir.locked(tmp_path):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with rundir.locked(tmp_path):  # the kernel dropped the dead process's lock
+        assert f"pid {os.getpid()} " in (tmp_path / ".lock").read_text()
+
+
+def test_train_into_a_folder_in_use_is_refused_at_once(mock_cifar, tmp_path):
+    from tlkeras.training import train_and_evaluate
+
+    cfg = load_config(None, tiny_overrides())
+    with rundir.locked(tmp_path):
+        with pytest.raises(UserError, match="is in use by another tlkeras process"):
+            train_and_evaluate(cfg, tmp_path)
+    assert not (tmp_path / "metrics.csv").exists() and not (tmp_path / "config.yaml").exists()
+
+
+def test_export_into_a_base_in_use_is_refused(tmp_path):
+    from tlkeras.export import export_run
+
+    from tlkeras.config import dump_yaml
+    from tlkeras.data import DatasetInfo
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.keras").write_bytes(b"")  # refused before it is read
+    (run / "config.yaml").write_text(dump_yaml(load_config(None)))
+    rundir.write_json(run / rundir.DATASET, DatasetInfo("x", "tfds", ("a", "b"), 32).to_dict())
+    with rundir.locked(tmp_path / "base", "export base"):
+        with pytest.raises(UserError, match="export base .* is in use"):
+            export_run(run, tmp_path / "base")
