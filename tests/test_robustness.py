@@ -168,6 +168,7 @@ def test_adversarial_finetuning_resumes_after_a_crash(mock_cifar, tmp_path):
     assert list(ft["adversarial"]["val_robust_accuracy_per_epoch"]) == ["2", "3"]
 
 
+@pytest.mark.real
 def test_real_adversarial_finetuning_beats_the_standard_model_under_attack(assets, tmp_path):
     """1,000 CIFAR-10 images at 32x32, ImageNet VGG16, block5 fine-tuned for 2 epochs, plain
     vs FGSM-RS at 4/255: PGD-10 accuracy at 2/255 on 100 test images. About 2 minutes."""

@@ -128,9 +128,9 @@ class EvaluateConfig:
     corruption_images: int = 1000  # per corruption and severity (7 x 5 of them)
     adversarial_images: int = 500  # per attack and budget (FGSM and PGD-10 at 1, 2, 4, 8 /255)
     # ... and for --quick and the report after training.
-    quick_test_images: int = 2000
-    quick_corruption_images: int = 50
-    quick_adversarial_images: int = 50
+    quick_test_images: int = 1000
+    quick_corruption_images: int = 40
+    quick_adversarial_images: int = 32
 
 
 @dataclass

@@ -410,7 +410,14 @@ def evaluate_run(run_dir: Path, quick: bool = False) -> dict[str, Any]:
     if splits.info.class_names != info.class_names or splits.info.num_test != info.num_test:
         raise UserError(f"the data of run '{run_dir}' has changed since training (classes or test "
                         f"count differ from dataset.json); restore it to evaluate this run")  # fmt: skip
-    return trust_report(model, cfg, splits, run_dir, quick)
+    handler = logging.FileHandler(run_dir / "train.log")  # the table joins the run's log
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        return trust_report(model, cfg, splits, run_dir, quick)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,9 @@
       checkpoints/{head,finetune}_best.weights.h5    best by validation accuracy
       checkpoints/{head,finetune}.json               a phase's record; marks it finished
       backup/<phase>/                                BackupAndRestore state while a phase runs
+      checkpoints/finetune_robust.json               adversarial fine-tuning: PGD val accuracy per epoch
       model.keras  confusion_matrix.png  summary.json    summary.json marks the run finished
+      report.json  reliability.png  misclassified.png    the trust report (tlkeras.evaluate)
 """
 
 from __future__ import annotations
