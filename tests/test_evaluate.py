@@ -47,7 +47,7 @@ def test_the_calibrated_export_passes_parity_and_outputs_softmax_of_logits_over_
     head = model.layers[-1]
     head.kernel.assign(head.kernel * 20)  # confident logits: T visibly changes the probabilities
     images = np.random.default_rng(1).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
-    logits = E.predict_logits(model, images)
+    logits = E.predict_logits(E.logits_function(model), images)
     record = export_model(model, tmp_path, "tlkeras", images, info.class_names, temperature=2.0)
     assert record["temperature"] == 2.0 and record["parity"]["onnx"]["max_abs_diff"] <= 1e-4
     expected = E.softmax(logits, 2.0)

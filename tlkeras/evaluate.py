@@ -133,21 +133,22 @@ def fold_temperature(model, temperature: float):
 # ----------------------------------------------------------------------------- predictions
 
 
-def predict_logits(model, images: np.ndarray, batch_size: int = 128, flip: bool = False) -> np.ndarray:
-    """Logits float32 [n, C] of uint8 images [n, S, S, 3] (mirrored first with flip)."""
+def logits_function(model):
+    """A traced function: uint8 images [b, S, S, 3] -> float32 logits [b, C] of `model`
+    (robustness.pixel_logits); make it once per model, it is traced on its first call."""
     import tensorflow as tf
 
     from tlkeras.robustness import pixel_logits
 
-    fn = model.__dict__.get("_tlkeras_logits")
-    if fn is None:
-        fn = tf.function(lambda x: pixel_logits(model, tf.cast(x, tf.float32)), reduce_retracing=True)
-        model.__dict__["_tlkeras_logits"] = fn
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size]
-        out.append(fn(tf.constant(x[:, :, ::-1] if flip else x)).numpy())
-    return np.concatenate(out) if out else np.zeros((0, int(model.output.shape[-1])), np.float32)
+    return tf.function(lambda x: pixel_logits(model, tf.cast(x, tf.float32)), reduce_retracing=True)
+
+
+def predict_logits(logits_fn, images: np.ndarray, batch_size: int = 128, flip: bool = False) -> np.ndarray:
+    """Logits float32 [n, C] of uint8 images [n, S, S, 3] (mirrored first with flip) by a
+    logits_function."""
+    out = [logits_fn(images[i:i + batch_size][:, :, ::-1] if flip else images[i:i + batch_size]).numpy()
+           for i in range(0, len(images), batch_size)]  # fmt: skip
+    return np.concatenate(out)
 
 
 def to_arrays(dataset, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -181,7 +182,7 @@ def published_corruptions(cfg, info) -> str | None:
     return str(data_dir) if (data_dir / "cifar10_corrupted").is_dir() else None
 
 
-def corruption_accuracy(model, images, labels, cfg, info, seed: int) -> dict[str, Any]:
+def corruption_accuracy(logits_fn, images, labels, cfg, info, seed: int) -> dict[str, Any]:
     """Accuracy per corruption and severity 1-5, their mean; from tfds's cifar10_corrupted
     (its first len(images) test images) when present, else generated in the graph."""
     import tensorflow as tf
@@ -203,7 +204,7 @@ def corruption_accuracy(model, images, labels, cfg, info, seed: int) -> dict[str
                 x = np.concatenate([corrupt(tf.constant(images[i:i + 256]), name, severity, seed + i).numpy()
                                     for i in range(0, len(images), 256)])  # fmt: skip
                 y = labels
-            row.append(round(float((predict_logits(model, x).argmax(1) == y).mean()), 4))
+            row.append(round(float((predict_logits(logits_fn, x).argmax(1) == y).mean()), 4))
         table[name] = row
     values = np.array(list(table.values()))
     return {
@@ -218,15 +219,16 @@ def corruption_accuracy(model, images, labels, cfg, info, seed: int) -> dict[str
 
 def adversarial_accuracy(model, images, labels, seed: int) -> dict[str, Any]:
     """FGSM and PGD-10 (random start) robust accuracy at each budget of EPSILONS (/255)."""
-    from tlkeras.robustness import EPSILONS, PGD_STEPS, robust_accuracy
+    from tlkeras.robustness import EPSILONS, PGD_STEPS, RobustAccuracy
 
+    fgsm, pgd = RobustAccuracy(model, fgsm=True), RobustAccuracy(model)
     return {
         "images": int(len(images)),
         "seed": seed,
         "pgd_steps": PGD_STEPS,
-        "clean_accuracy": round(float((predict_logits(model, images).argmax(1) == labels).mean()), 4),
-        "fgsm": {str(e): round(robust_accuracy(model, images, labels, e, fgsm=True), 4) for e in EPSILONS},
-        "pgd": {str(e): round(robust_accuracy(model, images, labels, e, seed=seed), 4) for e in EPSILONS},
+        "clean_accuracy": round(pgd(images, labels, 0), 4),
+        "fgsm": {str(e): round(fgsm(images, labels, e), 4) for e in EPSILONS},
+        "pgd": {str(e): round(pgd(images, labels, e, seed), 4) for e in EPSILONS},
     }
 
 
@@ -244,13 +246,14 @@ def trust_report(model, cfg, splits, run_dir: Path, quick: bool = False) -> dict
     pick = subset(len(test_y), sizes[0], cfg.seed)
     test_x, test_y = test_x[pick], test_y[pick]
 
-    val_logits = predict_logits(model, val_x)
+    logits_fn = logits_function(model)
+    val_logits = predict_logits(logits_fn, val_x)
     temperature = fit_temperature(val_logits, val_y)
     t0 = time.perf_counter()
-    logits = predict_logits(model, test_x)
+    logits = predict_logits(logits_fn, test_x)
     clean_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    mirrored = predict_logits(model, test_x, flip=True)
+    mirrored = predict_logits(logits_fn, test_x, flip=True)
     tta_s = clean_s + time.perf_counter() - t0
     probs, probs_t = softmax(logits), softmax(logits, temperature)
     tta = (probs + softmax(mirrored)) / 2  # fastai's tta: the mean of the two views' probabilities
@@ -274,7 +277,7 @@ def trust_report(model, cfg, splits, run_dir: Path, quick: bool = False) -> dict
     }  # fmt: skip
     t0 = time.perf_counter()
     c_pick = subset(len(test_y), sizes[1], cfg.seed + 1)
-    report["corruptions"] = corruption_accuracy(model, test_x[c_pick], test_y[c_pick], cfg, info, cfg.seed)
+    report["corruptions"] = corruption_accuracy(logits_fn, test_x[c_pick], test_y[c_pick], cfg, info, cfg.seed)
     report["corruptions"]["seconds"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     a_pick = subset(len(test_y), sizes[2], cfg.seed + 2)

@@ -145,24 +145,13 @@ def attack(model: keras.Model, images, labels, epsilon: float, steps: int = PGD_
     return x0 + delta
 
 
-def robust_accuracy(model: keras.Model, images: np.ndarray, labels: np.ndarray, epsilon: float,
-                    steps: int = PGD_STEPS, fgsm: bool = False, seed: int = 0,
-                    batch_size: int = 64) -> float:  # fmt: skip
-    """Accuracy under PGD (or FGSM) at `epsilon` pixel levels; epsilon 0: clean accuracy.
-    images: uint8 [n, S, S, 3], labels: int [n]. One traced graph per model and attack."""
-    fn = _attack_fn(model, steps, fgsm)
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        x, y = images[i:i + batch_size], labels[i:i + batch_size]
-        pred = fn(tf.constant(x), tf.constant(y, tf.int64), tf.constant(float(epsilon)), tf.constant(seed + i, tf.int64))
-        correct += int((pred.numpy() == y).sum())
-    return correct / max(len(images), 1)
+class RobustAccuracy:
+    """Accuracy of `model` under PGD (or FGSM) at any budget, its graph traced once (budget
+    and seed are tensors): `RobustAccuracy(model)(images, labels, epsilon=8)`. images: uint8
+    [n, S, S, 3], labels: int [n]; epsilon 0 gives the clean accuracy."""
 
-
-def _attack_fn(model: keras.Model, steps: int, fgsm: bool):
-    key = (steps, fgsm)
-    cache = model.__dict__.setdefault("_tlkeras_attacks", {})  # one trace per model, not per call
-    if key not in cache:
+    def __init__(self, model: keras.Model, steps: int = PGD_STEPS, fgsm: bool = False, batch_size: int = 64):
+        self.batch_size = batch_size
 
         @tf.function(reduce_retracing=True)
         def predict(x, y, epsilon, seed):
@@ -172,8 +161,22 @@ def _attack_fn(model: keras.Model, steps: int, fgsm: bool):
                 adv = attack(model, x, y, epsilon, steps=steps, seed=seed)
             return tf.argmax(pixel_logits(model, adv), axis=1)
 
-        cache[key] = predict
-    return cache[key]
+        self._predict = predict
+
+    def __call__(self, images: np.ndarray, labels: np.ndarray, epsilon: float, seed: int = 0) -> float:
+        correct = 0
+        for i in range(0, len(images), self.batch_size):
+            x, y = images[i:i + self.batch_size], labels[i:i + self.batch_size]
+            pred = self._predict(tf.constant(x), tf.constant(y, tf.int64), tf.constant(float(epsilon)),
+                                 tf.constant(seed + i, tf.int64))  # fmt: skip
+            correct += int((pred.numpy() == y).sum())
+        return correct / max(len(images), 1)
+
+
+def robust_accuracy(model: keras.Model, images: np.ndarray, labels: np.ndarray, epsilon: float,
+                    steps: int = PGD_STEPS, fgsm: bool = False, seed: int = 0) -> float:  # fmt: skip
+    """RobustAccuracy for one budget (traces its graph on every call)."""
+    return RobustAccuracy(model, steps, fgsm)(images, labels, epsilon, seed)
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -227,11 +230,11 @@ class RobustAccuracyCheck(keras.callbacks.Callback):
     def __init__(self, classifier: keras.Model, images: np.ndarray, labels: np.ndarray,
                  epsilon: float, history: dict[int, float], on_record=None, seed: int = 0):  # fmt: skip
         super().__init__()
-        self.classifier, self.images, self.labels = classifier, images, labels
+        self.measure, self.images, self.labels = RobustAccuracy(classifier), images, labels
         self.epsilon, self.history, self.on_record, self.seed = epsilon, history, on_record, seed
 
     def on_epoch_end(self, epoch, logs=None):
-        accuracy = robust_accuracy(self.classifier, self.images, self.labels, self.epsilon, seed=self.seed)
+        accuracy = self.measure(self.images, self.labels, self.epsilon, seed=self.seed)
         self.history[epoch] = accuracy
         if logs is not None:
             logs[self.KEY] = accuracy

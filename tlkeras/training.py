@@ -7,7 +7,9 @@ computed once; phase 2 unfreezes the base (all of it or from a named block), rec
 at a low learning rate with warm-up and cosine decay, and continues the epoch count. Each
 phase keeps its best weights by validation accuracy (a tie goes to the later epoch); the
 phase with the higher validation accuracy is shipped (the head's if fine-tuning did
-worse) and evaluated once on the test split.
+worse) and evaluated once on the test split, followed by the quick trust report
+(tlkeras.evaluate), whose temperature the exports fold in. With finetune.adversarial,
+phase 2 trains on FGSM-RS examples (tlkeras.robustness) and is picked by PGD accuracy.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from tlkeras import rundir
 from tlkeras.config import Config
 from tlkeras.data import DatasetInfo, Splits, feature_dataset, make_datasets
 from tlkeras.errors import UserError
-from tlkeras.evaluate import fit_temperature, predict_logits, to_arrays, trust_report
+from tlkeras.evaluate import fit_temperature, logits_function, predict_logits, to_arrays, trust_report
 from tlkeras.export import export_model
 from tlkeras.model import build_model, set_finetune_trainable, split_at_features
 from tlkeras.robustness import FGSM_RS_STEP_FACTOR, PGD_STEPS, AdversarialFinetune, RobustAccuracyCheck
@@ -494,7 +496,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
         temperature = report["calibration"]["temperature"]
     elif cfg.evaluate.fold_temperature:
         val_x, val_y = to_arrays(splits.val)
-        temperature = round(fit_temperature(predict_logits(model, val_x), val_y), 4)
+        temperature = round(fit_temperature(predict_logits(logits_function(model), val_x), val_y), 4)
 
     exports = []
     if cfg.export.enabled:
