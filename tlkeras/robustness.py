@@ -13,6 +13,7 @@ client sending pixels to the exported model could do (short of rounding to uint8
 
 from __future__ import annotations
 
+import logging
 import math
 
 import keras
@@ -235,6 +236,13 @@ class RobustAccuracyCheck(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         accuracy = self.measure(self.images, self.labels, self.epsilon, seed=self.seed)
+        best = max(self.history.values(), default=0.0)
+        log = logging.getLogger("tlkeras")
+        log.info("finetune: epoch %d PGD-%d accuracy at %g/255 on %d val images: %.4f",
+                 epoch + 1, PGD_STEPS, self.epsilon, len(self.labels), accuracy)  # fmt: skip
+        if accuracy < best / 2:
+            log.warning("finetune: robust accuracy fell from %.4f to %.4f: catastrophic overfitting "
+                        "(Wong et al. 2020); the best robust epoch is kept", best, accuracy)  # fmt: skip
         self.history[epoch] = accuracy
         if logs is not None:
             logs[self.KEY] = accuracy
