@@ -95,3 +95,7 @@ def test_a_run_reports_at_the_end_of_training_and_on_demand(mock_cifar, tmp_path
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically, nothing left behind
     assert "report.json" in capsys.readouterr().out
+
+    from tlkeras.export import export_run  # a later export folds the run's temperature too
+
+    assert export_run(tmp_path, parity_count=8)["temperature"] == t

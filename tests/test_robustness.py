@@ -170,24 +170,24 @@ def test_adversarial_finetuning_resumes_after_a_crash(mock_cifar, tmp_path):
 
 @pytest.mark.real
 def test_real_adversarial_finetuning_beats_the_standard_model_under_attack(assets, tmp_path):
-    """1,000 CIFAR-10 images at 32x32, ImageNet VGG16, block5 fine-tuned for 2 epochs, plain
-    vs FGSM-RS at 4/255: PGD-10 accuracy at 2/255 on 100 test images. About 2 minutes."""
-    images, labels = None, None
-    robust = {}
+    """1,000 CIFAR-10 images at 32x32, ImageNet VGG16, block5 fine-tuned for 4 epochs, plain
+    vs FGSM-RS at 2/255: PGD-10 accuracy at 2/255 on 100 test images. Measured on the
+    loaded 2-core VM: 0.20 plain vs 0.28 adversarial (clean 0.62 vs 0.54); 6 minutes
+    there, about half that on a quiet machine. (At 4/255 the clean accuracy fell to 0.29.)"""
+    robust, images, labels = {}, None, None
     for adversarial in ("false", "true"):
         cfg = load_config(None, [
             f"model.weights={assets.weights}", f"data.data_dir={assets.tfds_dir}", "data.download=false",
             "model.image_size=32", "data.train_split=train[:1000]", "data.val_split=train[45000:45200]",
-            "data.test_split=test[:100]", "data.batch_size=50", "head.epochs=3", "finetune.epochs=2",
-            "finetune.learning_rate=1e-4", "finetune.unfreeze=block5", "export.enabled=false",
-            "evaluate.enabled=false", f"finetune.adversarial={adversarial}", "finetune.epsilon=4",
-            "finetune.robust_check_images=50",
+            "data.test_split=test[:100]", "data.batch_size=50", "head.epochs=3", "finetune.epochs=4",
+            "finetune.learning_rate=5e-4", "finetune.warmup_epochs=0", "finetune.unfreeze=block5",
+            "export.enabled=false", "evaluate.enabled=false", f"finetune.adversarial={adversarial}",
+            "finetune.epsilon=2", "finetune.robust_check_images=50",
         ])  # fmt: skip
         summary = train_and_evaluate(cfg, tmp_path / adversarial)
         model = keras.models.load_model(tmp_path / adversarial / "model.keras")
         if images is None:
             images, labels = to_arrays(make_datasets(cfg.data, cfg.seed, 32).test)
         robust[adversarial] = (robust_accuracy(model, images, labels, 2), summary["test_accuracy"])
-    assert robust["true"][0] > robust["false"][0] + 0.05, robust
-    assert robust["true"][1] > 0.3, robust  # still a classifier
-
+    assert robust["true"][0] >= robust["false"][0] + 0.04, robust
+    assert robust["true"][1] >= 0.4, robust  # still a classifier

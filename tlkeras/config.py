@@ -95,7 +95,7 @@ class FinetuneConfig:
     adversarial: bool = False
     epsilon: float = 2.0  # L-infinity budget in pixel levels: 2 = 2/255
     step_size: float | None = None  # pixel levels; null: 1.25 * epsilon (Wong et al.)
-    robust_check_images: int = 256
+    robust_check_images: int = 128  # PGD-10: 11 passes each, ~1/7 of an adversarial epoch on 5,000 images
 
 
 @dataclass
