@@ -35,7 +35,8 @@ def photo_like(n=8, size=32, seed=0):
     images = []
     for _ in range(n):
         base = rng.uniform(40, 180, 3)
-        img = np.stack([base[i] + 40 * u * (i + 1) - 30 * v + 25 * np.sin(2 * np.pi * u * size / 4) for i in range(3)], -1)
+        stripes = 25 * np.sin(2 * np.pi * u * size / 4)  # 4-pixel period, the same in every channel
+        img = np.stack([base[i] + 40 * u * (i + 1) - 30 * v + stripes for i in range(3)], -1)
         images.append(img + rng.normal(0, 2, img.shape))
     return np.clip(images, 0, 255).astype(np.uint8)
 

@@ -299,15 +299,18 @@ def trust_report(model, cfg, splits, run_dir: Path, quick: bool = False) -> dict
 
 def log_table(r: dict[str, Any]) -> None:
     c, cal, adv = r["clean"], r["calibration"], r["adversarial"]
-    log.info("trust report%s: %d test images, %.0f s", " (quick)" if r["quick"] else "", c["images"], r["wall_time_s"])
-    log.info("  accuracy  clean %.4f   TTA (mirror) %.4f at %.1fx the cost", c["accuracy"], r["tta"]["accuracy"], r["tta"]["cost"])
+    log.info("trust report%s: %d test images, %.0f s",
+             " (quick)" if r["quick"] else "", c["images"], r["wall_time_s"])  # fmt: skip
+    log.info("  accuracy  clean %.4f   TTA (mirror) %.4f at %.1fx the cost",
+             c["accuracy"], r["tta"]["accuracy"], r["tta"]["cost"])  # fmt: skip
     log.info("  ECE       %.2f%% -> %.2f%% after T=%.3f   NLL %.3f -> %.3f", 100 * cal["ece_before"],
              100 * cal["ece_after"], cal["temperature"], cal["nll_before"], cal["nll_after"])  # fmt: skip
-    log.info("  corrupted mean %.4f (%d images each; severity 1-5: %s)", r["corruptions"]["mean_accuracy"],
-             r["corruptions"]["images"], " ".join(f"{v:.3f}" for v in r["corruptions"]["mean_per_severity"]))  # fmt: skip
+    corr = r["corruptions"]
+    log.info("  corrupted mean %.4f (%d images each; severity 1-5: %s)", corr["mean_accuracy"],
+             corr["images"], " ".join(f"{v:.3f}" for v in corr["mean_per_severity"]))  # fmt: skip
     for kind in ("fgsm", "pgd"):
-        log.info("  %-9s %s (%d images, clean %.3f)", kind.upper(), "  ".join(f"{e}/255 {v:.3f}" for e, v in adv[kind].items()),
-                 adv["images"], adv["clean_accuracy"])  # fmt: skip
+        budgets = "  ".join(f"{e}/255 {v:.3f}" for e, v in adv[kind].items())
+        log.info("  %-9s %s (%d images, clean %.3f)", kind.upper(), budgets, adv["images"], adv["clean_accuracy"])
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -377,9 +380,9 @@ def check_run_dir(run_dir: Path) -> None:
         raise UserError(f"run folder '{run_dir}' not found; pass the --run-dir of a training run")
     from tlkeras.rundir import SUMMARY
 
-    for name, why in ((SUMMARY, "the run has not finished: rerun its train command to resume it"),
-                      ("model.keras", "the run has not finished"),
-                      ("config.yaml", "not a tlkeras run folder"), ("dataset.json", "not a tlkeras run folder")):  # fmt: skip
+    unfinished = "the run has not finished: rerun its train command to resume it"
+    for name, why in (("config.yaml", "not a tlkeras run folder"), (SUMMARY, unfinished),
+                      ("model.keras", unfinished), ("dataset.json", "not a tlkeras run folder")):  # fmt: skip
         if not (run_dir / name).is_file():
             raise UserError(f"'{run_dir / name}' not found: {why}")
 

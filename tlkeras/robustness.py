@@ -36,7 +36,9 @@ SEVERITIES = {
 CORRUPTIONS = tuple(SEVERITIES)  # also the config names of tfds's cifar10_corrupted
 EPSILONS = (1, 2, 4, 8)  # L-infinity budgets of the report, /255
 PGD_STEPS = 10
-PGD_STEP_FACTOR = 2.5  # step = 2.5 * epsilon / steps (Madry et al. 2018): the ball's far side is reachable from a random start
+# PGD step = 2.5 * epsilon / steps (Madry et al. 2018): from a random start, the far side
+# of the ball stays reachable.
+PGD_STEP_FACTOR = 2.5
 FGSM_RS_STEP_FACTOR = 1.25  # FGSM-RS training step = 1.25 * epsilon (Wong et al. 2020)
 
 
