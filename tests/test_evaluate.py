@@ -101,3 +101,28 @@ def test_a_run_reports_at_the_end_of_training_and_on_demand(mock_cifar, tmp_path
     from tlkeras.export import export_run  # a later export folds the run's temperature too
 
     assert export_run(tmp_path, parity_count=8)["temperature"] == t
+
+
+def test_the_published_cifar10_corrupted_is_read_when_it_is_in_data_dir(tmp_path):
+    import dataclasses
+
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    (tmp_path / "cifar10_corrupted").mkdir()  # tfds's mock data stands in for its files
+    cfg = load_config(None, [f"data.data_dir={tmp_path}"])
+    info = dataclasses.replace(tiny_info(), splits={"test": "test"})
+    seen = []
+
+    def logits_fn(images):  # records what was classified; always answers class 0
+        seen.append(np.asarray(images))
+        return tf.constant(np.tile(np.eye(10)[0], (len(images), 1)))
+
+    blank = np.zeros((8, 32, 32, 3), np.uint8)
+    with tfds.testing.mock_data(num_examples=8):
+        report = E.corruption_accuracy(logits_fn, blank, np.zeros(8, np.int64), cfg, info, seed=0)
+    assert report["source"].startswith("tfds cifar10_corrupted")
+    assert len(seen) == 5 * len(CORRUPTIONS) and all(x.shape == (8, 32, 32, 3) and x.any() for x in seen)
+    generated = E.corruption_accuracy(logits_fn, blank, np.zeros(8, np.int64), cfg,
+                                      dataclasses.replace(info, image_size=64), seed=0)  # fmt: skip
+    assert generated["source"].startswith("generated") and generated["mean_accuracy"] == 1.0
