@@ -88,6 +88,14 @@ class FinetuneConfig:
     learning_rate: float = 1e-5  # peak, reached after warm-up, then cosine decay to 0
     warmup_epochs: float = 1.0  # protects the freshly trained head from large early updates
     unfreeze: str = "all"  # "all", a block ("block4") or a layer ("block5_conv1") and above
+    # Adversarial fine-tuning: every batch is replaced by FGSM examples from a random start
+    # (Wong et al. 2020), about 2x the phase's time; the best epoch is then picked by PGD-10
+    # accuracy at `epsilon` on the first robust_check_images validation images (the guard
+    # against catastrophic overfitting), and this phase is shipped.
+    adversarial: bool = False
+    epsilon: float = 2.0  # L-infinity budget in pixel levels: 2 = 2/255
+    step_size: float | None = None  # pixel levels; null: 1.25 * epsilon (Wong et al.)
+    robust_check_images: int = 128  # PGD-10: 11 passes each, ~1/7 of an adversarial epoch on 5,000 images
 
 
 @dataclass
@@ -120,6 +128,24 @@ class ExportConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """The trust report (tlkeras.evaluate): calibration, TTA, corruptions, attacks."""
+
+    enabled: bool = True  # the quick report at the end of training (about +10% wall time)
+    # Exports output softmax(logits / T), T fitted on the val split (one scalar, Guo et al.
+    # 2017): same classes, better-calibrated probabilities. T is in summary.json.
+    fold_temperature: bool = True
+    # Images, seeded subsets of the test split, for `python -m tlkeras.evaluate` ...
+    test_images: int | None = None  # clean, TTA and calibration; null: the whole split
+    corruption_images: int = 1000  # per corruption and severity (7 x 5 of them)
+    adversarial_images: int = 500  # per attack and budget (FGSM and PGD-10 at 1, 2, 4, 8 /255)
+    # ... and for --quick and the report after training.
+    quick_test_images: int = 1000
+    quick_corruption_images: int = 40
+    quick_adversarial_images: int = 32
+
+
+@dataclass
 class Config:
     name: str | None = None  # names the default run folder; null: <backbone>-<dataset>, e.g. vgg16-cifar10
     seed: int = 0
@@ -129,6 +155,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
 CHOICES = {
@@ -139,7 +166,10 @@ CHOICES = {
 POSITIVE = (
     "data.batch_size", "data.image_size", "data.shuffle_buffer", "model.image_size", "model.head_units",
     "head.epochs", "head.learning_rate", "finetune.learning_rate",
-    "runtime.steps_per_execution", "runtime.peer_timeout_s",
+    "runtime.steps_per_execution", "runtime.peer_timeout_s", "finetune.epsilon", "finetune.step_size",
+    "finetune.robust_check_images", "evaluate.test_images", "evaluate.corruption_images",
+    "evaluate.adversarial_images", "evaluate.quick_test_images",
+    "evaluate.quick_corruption_images", "evaluate.quick_adversarial_images",
 )  # fmt: skip
 NON_NEGATIVE = ("finetune.epochs", "finetune.warmup_epochs", "runtime.backup_minutes")
 

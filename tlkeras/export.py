@@ -214,12 +214,19 @@ def _dir_size(path: Path) -> int:
 
 
 def export_model(model, base: Path, name: str, images: np.ndarray,
-                 class_names: tuple[str, ...]) -> dict[str, Any]:  # fmt: skip
+                 class_names: tuple[str, ...], temperature: float = 1.0) -> dict[str, Any]:  # fmt: skip
     """Builds, verifies and publishes version N+1 of both formats; returns their record.
 
     `images`: uint8 [n, S, S, 3] for the parity gate; `class_names` in class-index order.
-    Raises ExportError (nothing published) when an export disagrees with `model`.
+    `temperature` T != 1: both formats output softmax(logits / T) (evaluate.fold_temperature;
+    same classes, calibrated probabilities), and the gate compares them with the Keras
+    model calibrated the same way. Raises ExportError (nothing published) when an export
+    disagrees with the Keras model.
     """
+    if temperature != 1.0:
+        from tlkeras.evaluate import fold_temperature
+
+        model = fold_temperature(model, temperature)
     base = Path(base)
     sm_root, onnx_root = base / name, base / "onnx" / name
     for root in (sm_root, onnx_root):
@@ -257,6 +264,7 @@ def export_model(model, base: Path, name: str, images: np.ndarray,
         "opset": OPSET,
         "image_size": int(images.shape[1]),
         "class_names": list(class_names),
+        "temperature": temperature,
         "parity": checks,
     }
 
@@ -276,6 +284,28 @@ def parity_images(cfg, info, count: int = 64) -> np.ndarray:
         pass
     size = info.image_size
     return np.random.default_rng(0).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+
+
+def run_temperature(run_dir: Path, cfg, summary: dict | None) -> float:
+    """The temperature to fold into a run's exports: 1 with evaluate.fold_temperature off;
+    else summary.json's (fitted at the end of training), else report.json's (a later
+    `python -m tlkeras.evaluate`), else 1 (never fitted: said in the log)."""
+    from tlkeras import rundir
+    from tlkeras.evaluate import REPORT
+
+    if not cfg.evaluate.fold_temperature:
+        return 1.0
+    if summary and summary.get("temperature"):
+        return float(summary["temperature"])
+    report = rundir.read_json(run_dir / REPORT)
+    if report:
+        return float(report["calibration"]["temperature"])
+    import logging
+
+    logging.getLogger("tlkeras").warning(
+        "no fitted temperature in %s: exporting uncalibrated probabilities; run python -m "
+        "tlkeras.evaluate --run-dir %s first to calibrate them", run_dir, run_dir)
+    return 1.0
 
 
 def export_run(run_dir: Path, base: Path | None = None, name: str | None = None,
@@ -302,9 +332,10 @@ def export_run(run_dir: Path, base: Path | None = None, name: str | None = None,
         model = build_model(cfg.model, info, load_weights=False)
         model.set_weights(keras.models.load_model(model_path).get_weights())
         images = parity_images(cfg, info, parity_count)
+        summary = rundir.read_json(run_dir / rundir.SUMMARY)
         with writing(base, "the export", 3 * sum(w.nbytes for w in model.get_weights())):
-            record = export_model(model, base, name or cfg.export.name, images, info.class_names)
-    summary = rundir.read_json(run_dir / rundir.SUMMARY)
+            record = export_model(model, base, name or cfg.export.name, images, info.class_names,
+                                  run_temperature(run_dir, cfg, summary))  # fmt: skip
     if summary is not None:
         summary.setdefault("exports", []).append(record)
         rundir.write_json(run_dir / rundir.SUMMARY, summary)

@@ -8,7 +8,9 @@
       checkpoints/{head,finetune}.json               a phase's record; marks it finished
       backup/<phase>/                                BackupAndRestore state while a phase runs
       features/                                      phase 1's frozen-base features, verified on reuse
+      checkpoints/finetune_robust.json               adversarial fine-tuning: PGD val accuracy per epoch
       model.keras  confusion_matrix.png  summary.json    summary.json marks the run finished
+      report.json  reliability.png  misclassified.png    the trust report (tlkeras.evaluate)
       .lock                                          held by the one process writing the folder
 """
 

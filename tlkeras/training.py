@@ -7,7 +7,9 @@ computed once; phase 2 unfreezes the base (all of it or from a named block), rec
 at a low learning rate with warm-up and cosine decay, and continues the epoch count. Each
 phase keeps its best weights by validation accuracy (a tie goes to the later epoch); the
 phase with the higher validation accuracy is shipped (the head's if fine-tuning did
-worse) and evaluated once on the test split.
+worse) and evaluated once on the test split, followed by the quick trust report
+(tlkeras.evaluate), whose temperature the exports fold in. With finetune.adversarial,
+phase 2 trains on FGSM-RS examples (tlkeras.robustness) and is picked by PGD accuracy.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from tlkeras import rundir
 from tlkeras.config import Config
 from tlkeras.data import DatasetInfo, Splits, feature_dataset, feature_epochs, make_datasets, read_errors
 from tlkeras.errors import UserError, writing
+from tlkeras.evaluate import fit_temperature, logits_function, predict_logits, to_arrays, trust_report
 from tlkeras.export import export_model
 from tlkeras.model import build_model, set_finetune_trainable, split_at_features
+from tlkeras.robustness import FGSM_RS_STEP_FACTOR, PGD_STEPS, AdversarialFinetune, RobustAccuracyCheck
 from tlkeras.policies import (
     balanced_class_weights, choose_precision, final_phase, choose_strategy, is_chief, per_replica_batch,
     read_cpu_flags, steps_per_epoch, warmup_steps,
@@ -310,6 +314,10 @@ def fit_phase(
             model.load_weights(init_weights)
         # The base is frozen in phase 1: its features are computed once, not every epoch.
         extractor, trained = split_at_features(model) if phase == "head" else (None, model)
+        adversarial = phase == "finetune" and cfg.finetune.adversarial
+        if adversarial:  # same weights, FGSM-RS batches (robustness.AdversarialFinetune)
+            step = cfg.finetune.step_size or FGSM_RS_STEP_FACTOR * cfg.finetune.epsilon
+            trained = AdversarialFinetune(model, cfg.finetune.epsilon, step)
         compile_for_phase(trained, cfg, phase, steps)
         _drop_unreadable_backup(backup_dir, phase)
         backup = StepBackup(backup_dir, steps, cfg.runtime.backup_minutes * 60, stop)
@@ -319,7 +327,11 @@ def fit_phase(
     resume_at = first_epoch + done_epochs
     rundir.truncate_metrics(run_dir, resume_at)
     done = [r for r in rundir.read_metrics(run_dir) if r["epoch"] >= first_epoch]
-    best_so_far = max((r["val_accuracy"] for r in done), default=None)
+    # The criterion that picks the phase's best epoch: robust accuracy when adversarial.
+    robust_path = ckpt_dir / f"{phase}_robust.json"
+    robust = {int(k): v for k, v in (rundir.read_json(robust_path) or {}).items() if int(k) < resume_at}
+    monitor = RobustAccuracyCheck.KEY if adversarial else "val_accuracy"
+    best_so_far = max(robust.values() if adversarial else (r["val_accuracy"] for r in done), default=None)
     if best_path.exists() and not _loads(best_path, cfg, splits.info):
         # Killed while ModelCheckpoint wrote it: never mistake it for a checkpoint.
         log.warning("%s: %s is unreadable (interrupted write); discarding it", phase, best_path)
@@ -333,13 +345,20 @@ def fit_phase(
              phase, first_epoch + 1, first_epoch + epochs, trainable, steps,
              strategy.num_replicas_in_sync)  # fmt: skip
 
+    guard = []
+    if adversarial:  # after CSVLogger: metrics.csv keeps the same columns in both phases
+        n = cfg.finetune.robust_check_images
+        images, labels = to_arrays(splits.val, n)
+        guard = [RobustAccuracyCheck(model, images, labels, cfg.finetune.epsilon, robust,
+                                     lambda h: rundir.write_json(robust_path, h), seed=cfg.seed)]  # fmt: skip
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.CSVLogger(str(run_dir / rundir.METRICS), append=True),
+        *guard,
         WholeModelCheckpoint(
-            model, str(best_path), monitor="val_accuracy", mode="max", save_best_only=True,
+            model, str(best_path), monitor=monitor, mode="max", save_best_only=True,
             save_weights_only=True, initial_value_threshold=best_so_far,
         ),  # fmt: skip
-        keras.callbacks.CSVLogger(str(run_dir / rundir.METRICS), append=True),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
         # Last: an epoch counts as done only after its metrics row and best checkpoint
         # are written. Kept after fit until the phase record exists, so no kill loses the phase.
@@ -381,13 +400,17 @@ def fit_phase(
         model.save_weights(best_path)
 
     rows = [r for r in rundir.read_metrics(run_dir) if r["epoch"] >= first_epoch]
-    best = max(reversed(rows), key=lambda r: r["val_accuracy"])  # the last of tied epochs
+    if adversarial:
+        for r in rows:
+            r[monitor] = robust.get(int(r["epoch"]), -1.0)
+    best = max(reversed(rows), key=lambda r: r[monitor])  # the last of tied epochs
     epochs_run = len(losses)
     record = {
         "epochs": epochs,
         "first_epoch": first_epoch + 1,
         "best_epoch": int(best["epoch"]) + 1,
         "val_accuracy": best["val_accuracy"],
+        "best_epoch_by": monitor,
         "train_accuracy": rows[-1]["accuracy"],
         "trainable_parameters": trainable,
         "wall_time_s": round(wall, 1),
@@ -398,6 +421,13 @@ def fit_phase(
     }
     if features_s is not None:  # phase 1 only: part of its wall time
         record["feature_extraction_s"] = round(features_s, 1)
+    if adversarial:
+        record["adversarial"] = {
+            "method": "FGSM with random start (Wong et al. 2020)", "epsilon": cfg.finetune.epsilon,
+            "step_size": step, "val_robust_accuracy": best[monitor],
+            "robust_check": f"PGD-{PGD_STEPS} at {cfg.finetune.epsilon:g}/255 on {len(guard[0].labels)} val images",
+            "val_robust_accuracy_per_epoch": {str(k + 1): v for k, v in sorted(robust.items())},
+        }  # fmt: skip
     rundir.write_json(ckpt_dir / f"{phase}.json", record)
     shutil.rmtree(backup_dir, ignore_errors=True)
     shutil.rmtree(run_dir / "features", ignore_errors=True)  # phase 1 is never redone now
@@ -553,6 +583,8 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
         weights = run_dir / record["best_weights"]
         epoch += epochs
     final = final_phase({phase: r["val_accuracy"] for phase, r in records.items()})
+    if "adversarial" in records.get("finetune", {}):
+        final = "finetune"  # chosen for robustness: the head's clean accuracy is no rival
     weights = run_dir / records[final]["best_weights"]
     if final != list(records)[-1]:
         log.info("final weights: the %s phase's (val_accuracy %.4f); fine-tuning did not beat it",
@@ -582,12 +614,22 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
         finally:
             tmp_model.unlink(missing_ok=True)
 
+    # The trust report (quick) fits the temperature; without it, only the temperature is fitted.
+    report = trust_report(model, cfg, splits, run_dir, quick=True) if cfg.evaluate.enabled else None
+    temperature = None
+    if report:
+        temperature = report["calibration"]["temperature"]
+    elif cfg.evaluate.fold_temperature:
+        val_x, val_y = to_arrays(splits.val)
+        temperature = round(fit_temperature(predict_logits(logits_function(model), val_x), val_y), 4)
+
     exports = []
     if cfg.export.enabled:
         first_test = np.stack([x.numpy() for x, _ in splits.test.unbatch().take(64)])
         base = Path(cfg.export.base) if cfg.export.base else run_dir / "export"
+        folded = temperature if cfg.evaluate.fold_temperature else 1.0
         with rundir.locked(base, "export base"), writing(base, "the export", 3 * sum(w.nbytes for w in model.get_weights())):
-            exports.append(export_model(model, base, cfg.export.name, first_test, info.class_names))
+            exports.append(export_model(model, base, cfg.export.name, first_test, info.class_names, folded))
         log.info("exported version %d: %s and %s (parity max |diff| %.1e / %.1e)",
                  exports[0]["version"], exports[0]["savedmodel"], exports[0]["onnx"],
                  exports[0]["parity"]["savedmodel"]["max_abs_diff"],
@@ -607,6 +649,14 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
         "per_replica_batch": per_replica,
         "precision": precision,
         "weights_sha256": fingerprint,
+        "temperature": temperature,  # fitted on val; folded into the exports with evaluate.fold_temperature
+        "exports_calibrated": bool(cfg.evaluate.fold_temperature and temperature),
+        "trust_report": report and {
+            "file": "report.json", "quick": True, "tta_accuracy": report["tta"]["accuracy"],
+            "ece_before": report["calibration"]["ece_before"], "ece_after": report["calibration"]["ece_after"],
+            "corruption_mean_accuracy": report["corruptions"]["mean_accuracy"],
+            "pgd_accuracy": report["adversarial"]["pgd"], "wall_time_s": report["wall_time_s"],
+        },  # fmt: skip
         "class_names": list(info.class_names),
         "dataset": info.to_dict(),
         "model": "model.keras",

@@ -1,0 +1,448 @@
+"""The trust report of a finished run: how far its probabilities and predictions hold up.
+
+    python -m tlkeras.evaluate --run-dir runs/<run> [--quick]
+
+Needs nothing but the run folder (config.yaml, dataset.json, model.keras) and the run's
+data; writes into it, atomically:
+
+    report.json        clean and test-time-augmentation accuracy (and their cost);
+                       ECE and NLL before and after temperature scaling; accuracy under 7
+                       common corruptions x 5 severities; FGSM and PGD-10 robust accuracy
+                       at 1, 2, 4, 8 /255; the settings and sizes used
+    reliability.png    reliability diagram before and after temperature scaling
+    misclassified.png  the highest-loss test images, true and predicted names, probabilities
+
+and a short table to the log. Subset sizes are the run's `evaluate.*` settings (--quick:
+the `quick_*` ones, also used by the report at the end of training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tlkeras.console import quiet_libraries
+from tlkeras.errors import UserError, run_cli
+
+log = logging.getLogger("tlkeras")
+
+REPORT = "report.json"
+RELIABILITY_PNG = "reliability.png"
+GALLERY_PNG = "misclassified.png"
+ECE_BINS = 15  # Guo et al. 2017 (and Naeini et al. 2015) use 15 equal-width bins
+GALLERY_SIZE = 16
+
+
+# ----------------------------------------------------------------------------- calibration
+# Home-made, 20 lines, rather than tfp.stats.expected_calibration_error: tensorflow-
+# probability 0.25 (the latest) imports tf_keras (a second, Keras 2 copy) when it loads and
+# fails without it under Keras 3; a product dependency for one sum was not worth it.
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> float:
+    """ECE (Naeini et al. 2015; Guo et al. 2017, eq. 3): the top-class confidence split into
+    `bins` equal-width bins (lo, hi] of [0, 1]; sum over bins of (bin share of examples) x
+    |bin accuracy - bin mean confidence|. probs: [n, C] rows summing to 1; labels: int [n].
+    Returns a fraction (0.031 = 3.1%); 0 for no examples."""
+    probs, labels = np.asarray(probs, np.float64), np.asarray(labels)
+    if len(labels) == 0:
+        return 0.0
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)  # (lo, hi] bins
+    ece = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(ece)
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> list[dict]:
+    """Per bin: its range, example count, accuracy and mean confidence (None when empty)."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        m = which == b
+        rows.append({"low": b / bins, "high": (b + 1) / bins, "count": int(m.sum()),
+                     "accuracy": float(correct[m].mean()) if m.any() else None,
+                     "confidence": float(confidence[m].mean()) if m.any() else None})  # fmt: skip
+    return rows
+
+
+def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    """Mean -log p(true class) of softmax(logits / T), in nats."""
+    z = np.asarray(logits, np.float64) / temperature
+    z -= z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-log_p[np.arange(len(labels)), labels].mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = 0.05, high: float = 20.0) -> float:
+    """Temperature scaling (Guo et al. 2017): the one T > 0 minimising the NLL of
+    softmax(logits / T) on held-out data. The NLL is convex in 1/T, hence unimodal in log T:
+    a golden-section search over log T in [low, high] finds it to ~1e-6 relative (Guo et
+    al. used L-BFGS; one scalar needs no optimiser). logits: [n, C]; labels: int [n]."""
+    f = lambda log_t: negative_log_likelihood(logits, labels, float(np.exp(log_t)))  # noqa: E731
+    a, b = np.log(low), np.log(high)
+    ratio = (np.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = f(c), f(d)
+    for _ in range(60):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = f(d)
+    return float(np.exp((a + b) / 2))
+
+
+def fold_temperature(model, temperature: float):
+    """A copy of `model` (from build_model) whose outputs are softmax(logits / T): the last
+    Dense's kernel and bias divided by T, since softmax((x W + b) / T) = softmax(x (W / T) +
+    b / T). The graph is unchanged, so its exports keep their contract; `model` is untouched."""
+    import keras
+
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    head = copy.layers[-1]
+    head.kernel.assign(head.kernel / temperature)
+    head.bias.assign(head.bias / temperature)
+    return copy
+
+
+# ----------------------------------------------------------------------------- predictions
+
+
+def logits_function(model):
+    """A traced function: uint8 images [b, S, S, 3] -> float32 logits [b, C] of `model`
+    (robustness.pixel_logits); make it once per model, it is traced on its first call."""
+    import tensorflow as tf
+
+    from tlkeras.robustness import pixel_logits
+
+    return tf.function(lambda x: pixel_logits(model, tf.cast(x, tf.float32)), reduce_retracing=True)
+
+
+def predict_logits(logits_fn, images: np.ndarray, batch_size: int = 128, flip: bool = False) -> np.ndarray:
+    """Logits float32 [n, C] of uint8 images [n, S, S, 3] (mirrored first with flip) by a
+    logits_function."""
+    out = [logits_fn(images[i:i + batch_size][:, :, ::-1] if flip else images[i:i + batch_size]).numpy()
+           for i in range(0, len(images), batch_size)]  # fmt: skip
+    return np.concatenate(out)
+
+
+def to_arrays(dataset, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [n, S, S, 3], int64 labels [n]) of a batched (images, labels) dataset."""
+    xs, ys, n = [], [], 0
+    for x, y in dataset.as_numpy_iterator():
+        xs.append(x)
+        ys.append(y)
+        n += len(y)
+        if limit is not None and n >= limit:
+            break
+    return np.concatenate(xs)[:limit], np.concatenate(ys)[:limit].astype(np.int64)
+
+
+def subset(n: int, k: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random k of n (all of them when k is None or >= n)."""
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def published_corruptions(cfg, info) -> str | None:
+    """The tfds data_dir holding cifar10_corrupted when the run is CIFAR-10's test split at
+    32x32 (the published set's images), else None: corruptions are generated instead."""
+    if cfg.data.dataset != "cifar10" or info.image_size != 32 or info.splits.get("test") != "test":
+        return None
+    data_dir = Path(cfg.data.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+    return str(data_dir) if (data_dir / "cifar10_corrupted").is_dir() else None
+
+
+def corruption_accuracy(logits_fn, images, labels, cfg, info, seed: int) -> dict[str, Any]:
+    """Accuracy per corruption and severity 1-5, their mean; from tfds's cifar10_corrupted
+    (its first len(images) test images) when present, else generated in the graph."""
+    import tensorflow as tf
+
+    from tlkeras.robustness import CORRUPTIONS, corrupt
+
+    data_dir = published_corruptions(cfg, info)
+    table = {}
+    for name in CORRUPTIONS:
+        row = []
+        for severity in range(1, 6):
+            if data_dir:
+                import tensorflow_datasets as tfds
+
+                ds = tfds.load(f"cifar10_corrupted/{name}_{severity}", split=f"test[:{len(images)}]",
+                               data_dir=data_dir, download=False, as_supervised=True)  # fmt: skip
+                x, y = to_arrays(ds.batch(256))
+            else:
+                x = np.concatenate([corrupt(tf.constant(images[i:i + 256]), name, severity, seed + i).numpy()
+                                    for i in range(0, len(images), 256)])  # fmt: skip
+                y = labels
+            row.append(round(float((predict_logits(logits_fn, x).argmax(1) == y).mean()), 4))
+        table[name] = row
+    values = np.array(list(table.values()))
+    return {
+        "source": ("tfds cifar10_corrupted (Hendrycks & Dietterich 2019)" if data_dir else
+                   "generated in the graph with the CIFAR-10-C parameters (Hendrycks & Dietterich 2019)"),
+        "images": int(len(images)),
+        "accuracy": table,
+        "mean_per_severity": [round(float(v), 4) for v in values.mean(axis=0)],
+        "mean_accuracy": round(float(values.mean()), 4),
+    }  # fmt: skip
+
+
+def adversarial_accuracy(model, images, labels, seed: int) -> dict[str, Any]:
+    """FGSM and PGD-10 (random start) robust accuracy at each budget of EPSILONS (/255)."""
+    from tlkeras.robustness import EPSILONS, PGD_STEPS, RobustAccuracy
+
+    fgsm, pgd = RobustAccuracy(model, fgsm=True), RobustAccuracy(model)
+    return {
+        "images": int(len(images)),
+        "seed": seed,
+        "pgd_steps": PGD_STEPS,
+        "clean_accuracy": round(pgd(images, labels, 0), 4),
+        "fgsm": {str(e): round(fgsm(images, labels, e), 4) for e in EPSILONS},
+        "pgd": {str(e): round(pgd(images, labels, e, seed), 4) for e in EPSILONS},
+    }
+
+
+def trust_report(model, cfg, splits, run_dir: Path, quick: bool = False) -> dict[str, Any]:
+    """Computes the report for `model` (build_model's, float32) on `splits` (make_datasets'),
+    writes report.json and the two PNGs into run_dir and logs a short table; returns the
+    report. Deterministic for a given cfg.seed (subsets, noise and random starts)."""
+    e = cfg.evaluate
+    sizes = ((e.quick_test_images, e.quick_corruption_images, e.quick_adversarial_images) if quick
+             else (e.test_images, e.corruption_images, e.adversarial_images))  # fmt: skip
+    start = time.perf_counter()
+    info = splits.info
+    val_x, val_y = to_arrays(splits.val)
+    test_x, test_y = to_arrays(splits.test)
+    pick = subset(len(test_y), sizes[0], cfg.seed)
+    test_x, test_y = test_x[pick], test_y[pick]
+
+    logits_fn = logits_function(model)
+    val_logits = predict_logits(logits_fn, val_x)
+    temperature = fit_temperature(val_logits, val_y)
+    t0 = time.perf_counter()
+    logits = predict_logits(logits_fn, test_x)
+    clean_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mirrored = predict_logits(logits_fn, test_x, flip=True)
+    tta_s = clean_s + time.perf_counter() - t0
+    probs, probs_t = softmax(logits), softmax(logits, temperature)
+    tta = (probs + softmax(mirrored)) / 2  # fastai's tta: the mean of the two views' probabilities
+    accuracy = float((probs.argmax(1) == test_y).mean())
+    report: dict[str, Any] = {
+        "quick": quick,
+        "test_split": info.splits.get("test"),
+        "clean": {"accuracy": round(accuracy, 4), "images": int(len(test_y)),
+                  "images_per_second": round(len(test_y) / clean_s, 1)},
+        "tta": {"accuracy": round(float((tta.argmax(1) == test_y).mean()), 4), "views": ["image", "mirror image"],
+                "cost": round(tta_s / clean_s, 2)},
+        "calibration": {
+            "temperature": round(temperature, 4), "fitted_on": f"val ({len(val_y)} images)",
+            "bins": ECE_BINS,
+            "ece_before": round(expected_calibration_error(probs, test_y), 4),
+            "ece_after": round(expected_calibration_error(probs_t, test_y), 4),
+            "nll_before": round(negative_log_likelihood(logits, test_y), 4),
+            "nll_after": round(negative_log_likelihood(logits, test_y, temperature), 4),
+            "exports_calibrated": cfg.evaluate.fold_temperature,
+        },
+    }  # fmt: skip
+    t0 = time.perf_counter()
+    c_pick = subset(len(test_y), sizes[1], cfg.seed + 1)
+    report["corruptions"] = corruption_accuracy(logits_fn, test_x[c_pick], test_y[c_pick], cfg, info, cfg.seed)
+    report["corruptions"]["seconds"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    a_pick = subset(len(test_y), sizes[2], cfg.seed + 2)
+    report["adversarial"] = adversarial_accuracy(model, test_x[a_pick], test_y[a_pick], cfg.seed)
+    report["adversarial"]["seconds"] = round(time.perf_counter() - t0, 1)
+
+    shown = probs_t if cfg.evaluate.fold_temperature else probs  # what the exports answer
+    save_reliability_png(probs, probs_t, test_y, temperature, run_dir / RELIABILITY_PNG)
+    save_gallery_png(test_x, test_y, shown, info.class_names, run_dir / GALLERY_PNG)
+    report["reliability_diagram"] = RELIABILITY_PNG
+    report["misclassified_gallery"] = GALLERY_PNG
+    report["wall_time_s"] = round(time.perf_counter() - start, 1)
+    from tlkeras import rundir
+
+    rundir.write_json(run_dir / REPORT, report)
+    log_table(report)
+    return report
+
+
+def log_table(r: dict[str, Any]) -> None:
+    c, cal, adv = r["clean"], r["calibration"], r["adversarial"]
+    log.info("trust report%s: %d test images, %.0f s",
+             " (quick)" if r["quick"] else "", c["images"], r["wall_time_s"])  # fmt: skip
+    log.info("  accuracy  clean %.4f   TTA (mirror) %.4f at %.1fx the cost",
+             c["accuracy"], r["tta"]["accuracy"], r["tta"]["cost"])  # fmt: skip
+    log.info("  ECE       %.2f%% -> %.2f%% after T=%.3f   NLL %.3f -> %.3f", 100 * cal["ece_before"],
+             100 * cal["ece_after"], cal["temperature"], cal["nll_before"], cal["nll_after"])  # fmt: skip
+    corr = r["corruptions"]
+    log.info("  corrupted mean %.4f (%d images each; severity 1-5: %s)", corr["mean_accuracy"],
+             corr["images"], " ".join(f"{v:.3f}" for v in corr["mean_per_severity"]))  # fmt: skip
+    for kind in ("fgsm", "pgd"):
+        budgets = "  ".join(f"{e}/255 {v:.3f}" for e, v in adv[kind].items())
+        log.info("  %-9s %s (%d images, clean %.3f)", kind.upper(), budgets, adv["images"], adv["clean_accuracy"])
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def save_reliability_png(probs, probs_t, labels, temperature: float, path: Path) -> None:
+    """Accuracy against confidence per bin, before and after temperature scaling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.5), sharey=True)
+    for ax, p, title in ((axes[0], probs, "model"), (axes[1], probs_t, f"temperature {temperature:.2f}")):
+        rows = [r for r in reliability_bins(p, labels) if r["count"]]
+        ax.bar([r["low"] for r in rows], [r["accuracy"] for r in rows], width=1 / ECE_BINS, align="edge",
+               edgecolor="black", label="accuracy")  # fmt: skip
+        ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+        ax.set_xlabel("confidence (top-class probability)")
+        ax.set_title(f"{title}: ECE {100 * expected_calibration_error(p, labels):.2f}%")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(loc="upper left")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def save_gallery_png(images, labels, probs, class_names, path: Path, count: int = GALLERY_SIZE) -> None:
+    """The `count` highest-loss images (fastai's plot_top_losses): true and predicted names
+    with the predicted class's and the true class's probability."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loss = -np.log(np.maximum(probs[np.arange(len(labels)), labels], 1e-12))
+    top = np.argsort(-loss)[:count]
+    cols = 4
+    rows = max(1, -(-len(top) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), top):
+        pred = int(probs[i].argmax())
+        ax.imshow(images[i])
+        ax.set_title(f"true {class_names[labels[i]]} {probs[i, labels[i]]:.2f}\n"
+                     f"pred {class_names[pred]} {probs[i, pred]:.2f}", fontsize=8)  # fmt: skip
+    fig.suptitle("highest-loss test images: true and predicted class, probability")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """One-line errors before TensorFlow loads: the folder and a finished run in it."""
+    if not run_dir.is_dir():
+        raise UserError(f"run folder '{run_dir}' not found; pass the --run-dir of a training run")
+    from tlkeras.rundir import SUMMARY
+
+    unfinished = "the run has not finished: rerun its train command to resume it"
+    for name, why in (("config.yaml", "not a tlkeras run folder"), (SUMMARY, unfinished),
+                      ("model.keras", unfinished), ("dataset.json", "not a tlkeras run folder")):  # fmt: skip
+        if not (run_dir / name).is_file():
+            raise UserError(f"'{run_dir / name}' not found: {why}")
+
+
+def load_run(run_dir: Path):
+    """(config, float32 model with the run's shipped weights) of a finished run."""
+    import keras
+
+    from tlkeras import rundir
+    from tlkeras.config import load_config
+    from tlkeras.model import build_model  # also registers the preprocessing layers
+
+    cfg = load_config(run_dir / "config.yaml")
+    info = rundir.load_dataset(run_dir)
+    keras.mixed_precision.set_global_policy("float32")  # the shipped model's precision
+    model = build_model(cfg.model, info, load_weights=False)
+    model.set_weights(keras.models.load_model(run_dir / "model.keras").get_weights())
+    return cfg, info, model
+
+
+def evaluate_run(run_dir: Path, quick: bool = False) -> dict[str, Any]:
+    """The report of a finished run, from its folder alone (data read, never downloaded)."""
+    import dataclasses
+
+    from tlkeras.data import make_datasets
+
+    check_run_dir(run_dir)
+    cfg, info, model = load_run(run_dir)
+    data = dataclasses.replace(cfg.data, download=False, cache=False, augment=False)
+    splits = make_datasets(data, cfg.seed, cfg.model.image_size)
+    if splits.info.class_names != info.class_names or splits.info.num_test != info.num_test:
+        raise UserError(f"the data of run '{run_dir}' has changed since training (classes or test "
+                        f"count differ from dataset.json); restore it to evaluate this run")  # fmt: skip
+    handler = logging.FileHandler(run_dir / "train.log")  # the table joins the run's log
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        return trust_report(model, cfg, splits, run_dir, quick)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tlkeras.evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--run-dir", type=Path, required=True, help="a finished training run")
+    parser.add_argument("--quick", action="store_true",
+                        help="the evaluate.quick_* subset sizes (as at the end of training)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    def run() -> None:
+        check_run_dir(args.run_dir)  # seconds, before TensorFlow loads
+        quiet_libraries(args.debug)
+        evaluate_run(args.run_dir, args.quick)
+        print(f"wrote {args.run_dir / REPORT}, {RELIABILITY_PNG}, {GALLERY_PNG}")
+
+    return run_cli(run, args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
