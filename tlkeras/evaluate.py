@@ -18,7 +18,6 @@ the `quick_*` ones, also used by the report at the end of training).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from tlkeras.console import quiet_libraries
-from tlkeras.errors import UserError, run_cli
+from tlkeras.errors import ArgumentParser, UserError, run_cli
 
 log = logging.getLogger("tlkeras")
 
@@ -96,24 +95,16 @@ def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature:
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = 0.05, high: float = 20.0) -> float:
     """Temperature scaling (Guo et al. 2017): the one T > 0 minimising the NLL of
-    softmax(logits / T) on held-out data. The NLL is convex in 1/T, hence unimodal in log T:
-    a golden-section search over log T in [low, high] finds it to ~1e-6 relative (Guo et
-    al. used L-BFGS; one scalar needs no optimiser). logits: [n, C]; labels: int [n]."""
-    f = lambda log_t: negative_log_likelihood(logits, labels, float(np.exp(log_t)))  # noqa: E731
-    a, b = np.log(low), np.log(high)
-    ratio = (np.sqrt(5) - 1) / 2
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = f(c), f(d)
-    for _ in range(60):
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - ratio * (b - a)
-            fc = f(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + ratio * (b - a)
-            fd = f(d)
-    return float(np.exp((a + b) / 2))
+    softmax(logits / T) on held-out data, searched over log T in [low, high] with SciPy's
+    bounded scalar minimiser (the NLL is convex in 1/T, so unimodal in log T; Guo et al.
+    used L-BFGS, and one scalar needs no more). logits: [n, C]; labels: int [n]."""
+    from scipy.optimize import minimize_scalar
+
+    result = minimize_scalar(
+        lambda log_t: negative_log_likelihood(logits, labels, float(np.exp(log_t))),
+        bounds=(np.log(low), np.log(high)), method="bounded", options={"xatol": 1e-7},
+    )  # fmt: skip
+    return float(np.exp(result.x))
 
 
 def fold_temperature(model, temperature: float):
@@ -416,18 +407,21 @@ def evaluate_run(run_dir: Path, quick: bool = False) -> dict[str, Any]:
     if splits.info.class_names != info.class_names or splits.info.num_test != info.num_test:
         raise UserError(f"the data of run '{run_dir}' has changed since training (classes or test "
                         f"count differ from dataset.json); restore it to evaluate this run")  # fmt: skip
+    from tlkeras import rundir
+
     handler = logging.FileHandler(run_dir / "train.log")  # the table joins the run's log
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     try:
-        return trust_report(model, cfg, splits, run_dir, quick)
+        with rundir.locked(run_dir):  # one writer: not beside a train or another evaluate
+            return trust_report(model, cfg, splits, run_dir, quick)
     finally:
         log.removeHandler(handler)
         handler.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tlkeras.evaluate", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m tlkeras.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True, help="a finished training run")
     parser.add_argument("--quick", action="store_true",
                         help="the evaluate.quick_* subset sizes (as at the end of training)")
