@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tlkeras import frontier
 from tlkeras.config import dump_yaml, load_config
 
@@ -36,6 +38,29 @@ def test_points_table_and_plot(tmp_path, capsys):
     assert rows[0].startswith("| mobilenet_v2 | 5000 | 96 | block_13 | 10 | 9.5 | 0.8800")  # sorted: size, base, time
     assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
     assert frontier.read_point(runs[1])["minutes"] == 9.5
+
+
+def test_damaged_or_missing_folders_are_skipped_with_the_reason(tmp_path, capsys):
+    good = _run(tmp_path, "a", "vgg16", 5000, 16.0, 0.8568)
+    bad_json = _run(tmp_path, "b", "vgg16", 5000, 16.0, 0.8568)
+    (bad_json / "summary.json").write_text("{bad")
+    no_keys = _run(tmp_path, "c", "vgg16", 5000, 16.0, 0.8568)
+    (no_keys / "summary.json").write_text("[]")
+    out = tmp_path / "f.png"
+    args = [str(good), str(bad_json), str(no_keys), str(tmp_path / "nope"), "--out", str(out)]
+    assert frontier.main(args) == 0
+    err = capsys.readouterr().err
+    assert "/b: unreadable summary.json" in err and "/c: unreadable" in err and "/nope: no such folder" in err
+    assert out.is_file() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("where", ["folder", "missing_parent"])
+def test_a_bad_out_path_is_one_line_before_any_work(tmp_path, capsys, where):
+    good = _run(tmp_path, "a", "vgg16", 5000, 16.0, 0.8568)
+    out = tmp_path if where == "folder" else tmp_path / "no" / "f.png"
+    assert frontier.main([str(good), "--out", str(out)]) == 1
+    printed = capsys.readouterr()
+    assert printed.err.count("\n") == 1 and "--out" in printed.err and "| base |" not in printed.out
 
 
 def test_no_finished_run_is_one_error_line(tmp_path, capsys):

@@ -65,3 +65,15 @@ def test_export_into_a_base_in_use_is_refused(tmp_path):
     with rundir.locked(tmp_path / "base", "export base"):
         with pytest.raises(UserError, match="export base .* is in use"):
             export_run(run, tmp_path / "base")
+
+
+def test_damaged_run_files_are_one_line_naming_them(tmp_path):
+    from tlkeras.errors import UserError
+
+    (tmp_path / "summary.json").write_text('{"test_accuracy": ')
+    with pytest.raises(UserError, match=r"summary.json' is not valid JSON .*: the file is damaged"):
+        rundir.read_json(tmp_path / "summary.json")
+    assert rundir.read_json(tmp_path / "missing.json") is None
+    (tmp_path / rundir.DATASET).write_text("{}")
+    with pytest.raises(UserError, match=r"dataset.json' is damaged \(KeyError"):
+        rundir.load_dataset(tmp_path)

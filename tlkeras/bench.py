@@ -436,6 +436,8 @@ def run_config(run_dir: Path | None):
         return None
     from tlkeras.config import load_config
 
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"'{run_dir}' is not a run folder (no config.yaml); pass the --run-dir of a training run")
     cfg = load_config(run_dir / "config.yaml")
     if cfg.data.dataset != "cifar10":
         # Its baselines (the keras.io recipe on tfds CIFAR-10, int8 calibration) are CIFAR-10's.
@@ -446,13 +448,22 @@ def run_config(run_dir: Path | None):
     return cfg
 
 
+def image_size(text: str) -> int:
+    """--image-size: an int of at least 32 (the smallest input either base accepts)."""
+    import argparse
+
+    if not text.isdigit() or int(text) < 32:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in pixels of at least 32")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m tlkeras.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats: a few minutes")
     parser.add_argument("--run-dir", type=Path, help="time this run's exported model")
     parser.add_argument("--backbone", choices=("vgg16", "mobilenet_v2"),
                         help="without --run-dir: the base of the fresh model (default vgg16)")
-    parser.add_argument("--image-size", type=int, metavar="PX",
+    parser.add_argument("--image-size", type=image_size, metavar="PX",
                         help="without --run-dir: the model's input size (default 32)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)

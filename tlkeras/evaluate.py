@@ -379,7 +379,8 @@ def check_run_dir(run_dir: Path) -> None:
 
 
 def load_run(run_dir: Path):
-    """(config, float32 model with the run's shipped weights) of a finished run."""
+    """(config, DatasetInfo, float32 model with the run's shipped weights) of a finished
+    run; UserError naming the file when one of them is damaged."""
     import keras
 
     from tlkeras import rundir
@@ -388,9 +389,16 @@ def load_run(run_dir: Path):
 
     cfg = load_config(run_dir / "config.yaml")
     info = rundir.load_dataset(run_dir)
-    keras.mixed_precision.set_global_policy("float32")  # the shipped model's precision
+    # Rebuilt in float32 whatever the training precision, as training's own export does.
+    keras.mixed_precision.set_global_policy("float32")
     model = build_model(cfg.model, info, load_weights=False)
-    model.set_weights(keras.models.load_model(run_dir / "model.keras").get_weights())
+    path = run_dir / "model.keras"
+    try:
+        model.set_weights(keras.models.load_model(path).get_weights())
+    except Exception as e:  # zipfile, h5py and Keras each raise their own kind for a damaged file
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise UserError(f"'{path}' cannot be loaded ({reason}): the file is damaged; restore it, "
+                        f"or train again with a new --run-dir") from None  # fmt: skip
     return cfg, info, model
 
 

@@ -311,11 +311,9 @@ def run_temperature(run_dir: Path, cfg, summary: dict | None) -> float:
 def export_run(run_dir: Path, base: Path | None = None, name: str | None = None,
                parity_count: int = 64) -> dict[str, Any]:  # fmt: skip
     """Exports run_dir/model.keras and records the result in summary.json."""
-    import keras
-
     from tlkeras import rundir
     from tlkeras.config import load_config
-    from tlkeras.model import build_model  # also registers the preprocessing layers
+    from tlkeras.evaluate import load_run
 
     model_path = run_dir / "model.keras"
     if not model_path.is_file():
@@ -324,13 +322,9 @@ def export_run(run_dir: Path, base: Path | None = None, name: str | None = None,
             f"(python -m tlkeras.train leaves model.keras there)"
         )
     cfg = load_config(run_dir / "config.yaml")
-    info = rundir.load_dataset(run_dir)
     base = base or Path(cfg.export.base or run_dir / "export")  # where training exports
     with rundir.locked(base, "export base"):  # one writer: versions are numbered by what is there
-        # Rebuilt in float32 whatever the training precision, as training's own export does.
-        keras.mixed_precision.set_global_policy("float32")
-        model = build_model(cfg.model, info, load_weights=False)
-        model.set_weights(keras.models.load_model(model_path).get_weights())
+        cfg, info, model = load_run(run_dir)
         images = parity_images(cfg, info, parity_count)
         summary = rundir.read_json(run_dir / rundir.SUMMARY)
         with writing(base, "the export", 3 * sum(w.nbytes for w in model.get_weights())):

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tlkeras.errors import ArgumentParser
+from tlkeras.errors import ArgumentParser, ConfigError, UserError, run_cli
 
 STAGES = ("features", "head", "write", "finetune", "export")
 DURABLE = ("backup/*/latest.weights.h5", "checkpoints/*", "features/*.json", "metrics.csv",
@@ -242,7 +242,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-full-disk", action="store_true")
     parser.add_argument("--reference", type=Path, help="a finished uninterrupted run of the same settings")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
+    return run_cli(lambda: inject_all(args), args.debug)
+
+
+def inject_all(args) -> int:
+    from tlkeras.config import load_config, preflight
+
+    if args.kills < 0 or args.sigterms < 0:
+        raise ConfigError(f"--kills {args.kills} / --sigterms {args.sigterms}: counts must be 0 or more")
+    if args.reference and not (args.reference / "summary.json").is_file():
+        raise UserError(f"--reference '{args.reference}' is not a finished run (no summary.json); "
+                        f"drop it to train a reference in <out>/reference")  # fmt: skip
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out '{args.out}' is a file; give a folder for the runs")
+    cfg = load_config(args.config, args.overrides)  # a bad config: one line now, not after a failed run
+    preflight(cfg, args.out / "reference")
     train_args = ["--config", args.config, *[a for kv in args.overrides for a in ("--set", kv)]]
     rng = random.Random(args.seed)
 

@@ -4,7 +4,8 @@
 
 Reads each finished run folder (summary.json, config.yaml), prints one table row per run
 and plots test accuracy against end-to-end wall time (minutes), a panel per number of
-training images and a line per base. Runs that are not finished are listed and skipped.
+training images and a line per base. Other paths (unfinished runs, files, damaged
+folders) are listed on stderr with the reason and skipped.
 The times are those of the machine each run was trained on (summary.json does not
 know whether it was shared): compare runs made on one idle machine.
 """
@@ -20,25 +21,42 @@ from typing import Any
 from tlkeras.errors import ArgumentParser, UserError, run_cli
 
 
-def read_point(run_dir: Path) -> dict[str, Any] | None:
-    """One run's point, or None when the run has no summary.json (not finished)."""
+def read_point(run_dir: Path) -> dict[str, Any]:
+    """One run's point. Raises ValueError with the reason when `run_dir` is not a finished
+    run folder (no summary.json: not finished) or its files are unreadable."""
     from tlkeras.config import load_config
+    from tlkeras.errors import UserError
 
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        return None
-    summary = json.loads(summary_path.read_text())
-    cfg = load_config(run_dir / "config.yaml")
-    return {
-        "run": str(run_dir),
-        "backbone": cfg.model.backbone,
-        "train_images": summary["dataset"]["num_train"],
-        "image_size": cfg.model.image_size,
-        "unfreeze": cfg.finetune.unfreeze if cfg.finetune.epochs else "none",
-        "finetune_epochs": cfg.finetune.epochs,
-        "minutes": round(summary["wall_time_s"] / 60, 1),
-        "test_accuracy": summary["test_accuracy"],
-    }
+    if not run_dir.is_dir():
+        raise ValueError("no such folder" if not run_dir.exists() else "not a folder")
+    for name, why in (("config.yaml", "not a tlkeras run folder"), ("summary.json", "not finished")):
+        if not (run_dir / name).is_file():
+            raise ValueError(f"{why} (no {name})")
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        cfg = load_config(run_dir / "config.yaml")
+        return {
+            "run": str(run_dir),
+            "backbone": cfg.model.backbone,
+            "train_images": int(summary["dataset"]["num_train"]),
+            "image_size": cfg.model.image_size,
+            "unfreeze": cfg.finetune.unfreeze if cfg.finetune.epochs else "none",
+            "finetune_epochs": cfg.finetune.epochs,
+            "minutes": round(float(summary["wall_time_s"]) / 60, 1),
+            "test_accuracy": float(summary["test_accuracy"]),
+        }
+    except (OSError, ValueError, KeyError, TypeError, UserError) as e:  # JSON, YAML, missing keys
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"unreadable summary.json or config.yaml ({type(e).__name__}: {reason})") from None
+
+
+def check_out(path: Path) -> None:
+    """A PNG path whose folder exists and is writable, before any work is done."""
+    if path.is_dir():
+        raise UserError(f"--out '{path}' is a folder; give a file name such as {path / 'frontier.png'}")
+    folder = path.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise UserError(f"--out '{path}': '{folder}' is not a writable folder; create it or choose another path")
 
 
 def plot(points: list[dict[str, Any]], path: Path) -> None:
@@ -69,28 +87,29 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m tlkeras.frontier", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders")
-    parser.add_argument("--out", type=Path, default=Path("frontier.png"), help="the PNG to write")
+    parser.add_argument("--out", type=Path, default=Path("frontier.png"), help="the PNG to write (default ./frontier.png)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
 
     def run() -> None:
+        check_out(args.out)
         points = []
         for run_dir in args.runs:
-            if not run_dir.is_dir():
-                continue  # a shell glob also yields the runs' log files
-            point = read_point(run_dir)
-            if point is None:
-                print(f"skipped {run_dir}: not finished (no summary.json)", file=sys.stderr)
-            else:
-                points.append(point)
+            try:
+                points.append(read_point(run_dir))
+            except ValueError as e:
+                print(f"skipped {run_dir}: {e}", file=sys.stderr)
         if not points:
             raise UserError(f"none of the {len(args.runs)} paths is a finished run folder (with summary.json)")
         print("| base | train images | input px | unfreeze | ft epochs | minutes | test accuracy | run |")

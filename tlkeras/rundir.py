@@ -131,7 +131,11 @@ def load_dataset(run_dir: Path):
     d = read_json(run_dir / DATASET)
     if d is None:
         raise UserError(f"'{run_dir / DATASET}' not found: --run-dir must name a training run")
-    return DatasetInfo.from_dict(d)
+    try:
+        return DatasetInfo.from_dict(d)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"'{run_dir / DATASET}' is damaged ({type(e).__name__}: {e}); restore it, "
+                        f"or train again with a new --run-dir") from None  # fmt: skip
 
 
 def worker_copy(run_dir: Path) -> Path:
@@ -200,7 +204,14 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.exists() else None
+    """The JSON in `path`, None when there is no such file; UserError when it is damaged."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise UserError(f"'{path}' is not valid JSON ({e}): the file is damaged; restore it, "
+                        f"or train again with a new --run-dir") from None  # fmt: skip
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:

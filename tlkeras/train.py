@@ -1,4 +1,4 @@
-"""Train a CIFAR-10 classifier from ImageNet VGG16 in two phases.
+"""Train a classifier from an ImageNet base (VGG16 or MobileNetV2) in two phases, and export it.
 
     python -m tlkeras.train [--config FILE] [--run-dir DIR] [--set KEY=VALUE ...]
 
