@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tlkeras.console import quiet_libraries
 from tlkeras.errors import ArgumentParser, ConfigError, UserError, run_cli
 
 STAGES = ("features", "head", "write", "finetune", "export")
@@ -259,6 +260,7 @@ def inject_all(args) -> int:
         raise UserError(f"--out '{args.out}' is a file; give a folder for the runs")
     cfg = load_config(args.config, args.overrides)  # a bad config: one line now, not after a failed run
     preflight(cfg, args.out / "reference")
+    quiet_libraries(args.debug)  # the checks below load TensorFlow: no start-up chatter
     train_args = ["--config", args.config, *[a for kv in args.overrides for a in ("--set", kv)]]
     rng = random.Random(args.seed)
 
