@@ -171,6 +171,7 @@ def check(run_dir: Path, reference: dict[str, Any] | None) -> dict[str, Any]:
     from tlkeras import model as _  # noqa: F401  registers the preprocessing layers for load_model
     from tlkeras import rundir
     from tlkeras.config import load_config
+    from tlkeras.evaluate import fold_temperature
     from tlkeras.export import TOLERANCE, run_onnx, run_tf1_session
 
     cfg = load_config(run_dir / "config.yaml")
@@ -184,7 +185,9 @@ def check(run_dir: Path, reference: dict[str, Any] | None) -> dict[str, Any]:
     model = keras.models.load_model(run_dir / "model.keras")
     info = rundir.load_dataset(run_dir)
     images = np.random.default_rng(0).integers(0, 256, (16, info.image_size, info.image_size, 3), dtype=np.uint8)
-    expected = model.predict(images, verbose=0)
+    # Exports answer softmax(logits / T) with the run's fitted temperature folded in
+    # (evaluate.fold_temperature): compare each with the model calibrated the same way.
+    temperatures = {str(r["version"]): r.get("temperature") or 1.0 for r in summary.get("exports", [])}
     exports = []
     base = Path(cfg.export.base or run_dir / "export")
     for version in sorted((base / cfg.export.name).glob("*")) if cfg.export.enabled else []:
@@ -192,6 +195,8 @@ def check(run_dir: Path, reference: dict[str, Any] | None) -> dict[str, Any]:
         ok = version.name.isdigit() and onnx.is_file() and (version / "saved_model.pb").is_file()
         diff = None
         if ok:
+            t = temperatures.get(version.name, 1.0)
+            expected = (fold_temperature(model, t) if t != 1.0 else model).predict(images, verbose=0)
             diff = max(float(np.abs(run_tf1_session(version, images)["probabilities"] - expected).max()),
                        float(np.abs(run_onnx(onnx, images)["probabilities"] - expected).max()))  # fmt: skip
         exports.append({"version": version.name, "complete": ok, "max_abs_diff": diff,
