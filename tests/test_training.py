@@ -244,7 +244,7 @@ def test_real_hymenoptera_folder_phase1_learns_ants_from_bees(hymenoptera, tmp_p
     cfg = load_config(None, [
         f"model.weights={hymenoptera.weights}", f"data.dataset={hymenoptera.folder}",
         "data.image_size=96", "model.image_size=96", "data.batch_size=32", "head.epochs=5",
-        "finetune.epochs=0", "export.enabled=false",
+        "finetune.epochs=0", "export.enabled=false", "evaluate.enabled=false",
     ])  # fmt: skip
     summary = train_and_evaluate(cfg, tmp_path)
     assert summary["class_names"] == ["ants", "bees"]
@@ -408,7 +408,7 @@ def test_sigkill_mid_epoch_in_both_phases_then_resume(assets, tmp_path):
         "--set", "data.test_split=test[:600]", "--set", "data.batch_size=50",
         "--set", "head.epochs=2", "--set", "finetune.epochs=2", "--set", "finetune.unfreeze=block5",
         "--set", "data.augment=true", "--set", "head.mirrored_features=true",
-        "--set", "finetune.learning_rate=1e-4", "--set", "export.enabled=false",
+        "--set", "finetune.learning_rate=1e-4", "--set", "export.enabled=false", "--set", "evaluate.enabled=false",
     ]  # fmt: skip
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
