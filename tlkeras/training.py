@@ -132,13 +132,13 @@ def _drop_unreadable_backup(backup_dir: Path, phase: str) -> None:
     import h5py
 
     latest = backup_dir / "latest.weights.h5"
-    if not latest.exists() or latest.with_name(latest.name + ".bkp").exists():
+    if not latest.exists():  # StepBackup keeps no .bkp copy: this file is the only backup
         return
     try:
         with h5py.File(latest, "r"):
             return
     except OSError:
-        log.warning("%s: the backup %s is unreadable (a kill while it was written); "
+        log.warning("%s: the backup %s is unreadable (damaged, or cut by an older tlkeras); "
                     "the phase restarts from its first epoch", phase, latest)  # fmt: skip
         shutil.rmtree(backup_dir)
 
