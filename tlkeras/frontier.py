@@ -37,6 +37,7 @@ def read_point(run_dir: Path) -> dict[str, Any]:
         cfg = load_config(run_dir / "config.yaml")
         return {
             "run": str(run_dir),
+            "dataset": cfg.data.dataset,
             "backbone": cfg.model.backbone,
             "train_images": int(summary["dataset"]["num_train"]),
             "image_size": cfg.model.image_size,
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         check_out(args.out)
         points = []
-        for run_dir in args.runs:
+        for run_dir in dict.fromkeys(args.runs):  # a run named twice is one point
             try:
                 points.append(read_point(run_dir))
             except ValueError as e:
@@ -117,7 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         for p in sorted(points, key=lambda p: (p["train_images"], p["backbone"], p["minutes"])):
             print(f"| {p['backbone']} | {p['train_images']} | {p['image_size']} | {p['unfreeze']} | "
                   f"{p['finetune_epochs']} | {p['minutes']} | {p['test_accuracy']:.4f} | {p['run']} |")  # fmt: skip
-        plot(points, args.out)
+        if len({p["dataset"] for p in points}) > 1:
+            print(f"warning: these runs trained on different datasets ({', '.join(sorted({p['dataset'] for p in points}))}); "
+                  f"their accuracies are not comparable", file=sys.stderr)  # fmt: skip
+        try:
+            plot(points, args.out)
+        except OSError as e:
+            raise UserError(f"--out '{args.out}' could not be written ({e.strerror}); choose another path") from None
         print(f"wrote {args.out}")
 
     return run_cli(run, args.debug)
