@@ -40,6 +40,22 @@ def test_temperature_scaling_recovers_a_known_temperature():
     assert before > 0.1 and after < 0.02, (before, after)
 
 
+def test_a_temperature_is_shipped_only_when_it_helps_held_out_val_images():
+    def val(truth, seed, n=200):  # labels drawn from softmax(logits / truth)
+        rng = np.random.default_rng(seed)
+        logits = rng.normal(0, 3, (n, 10))
+        return logits, (E.softmax(logits, truth).cumsum(1) > rng.random((n, 1))).argmax(1)
+
+    overconfident = [E.choose_temperature(*val(2.0, s)) for s in range(30)]
+    assert all(ev["kept"] and t == pytest.approx(ev["fitted"], abs=1e-4) and 1.5 < t < 2.7 for t, ev in overconfident)
+    calibrated = [E.choose_temperature(*val(1.0, s)) for s in range(30)]
+    # Nothing to fix: a fitted T (noise around 1) is mostly refused, and then T is exactly 1.
+    assert sum(ev["kept"] for _, ev in calibrated) < 18
+    assert all(t == 1.0 for t, ev in calibrated if not ev["kept"])
+    t, ev = E.choose_temperature(*val(2.0, 0, n=12))  # too few to split: no evidence, T = 1
+    assert t == 1.0 and not ev["kept"]
+
+
 def test_the_calibrated_export_passes_parity_and_outputs_softmax_of_logits_over_t(tmp_path):
     from tlkeras.export import TOLERANCE, export_model, run_onnx, run_tf1_session
 

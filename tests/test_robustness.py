@@ -95,6 +95,25 @@ def test_pgd_lowers_the_accuracy_of_a_trained_model(trained):
     assert robust_accuracy(model, x, y, 16, fgsm=True) >= pgd  # PGD is the stronger attack
 
 
+def test_the_budget_cascade_attacks_only_survivors_and_counts_the_union(trained):
+    from tlkeras.robustness import RobustAccuracy
+
+    model, x, y = trained
+    fgsm = RobustAccuracy(model, fgsm=True, batch_size=8)  # FGSM is deterministic: exact answers
+    budgets = (4.0, 16.0, 48.0)
+    each = {e: fgsm.correct(x, y, e) for e in (0.0, *budgets)}
+    attacked = []
+    real = fgsm._predict
+    fgsm._predict = lambda images, *rest: attacked.append(len(images)) or real(images, *rest)
+    got = fgsm.cascade(x, y, budgets)
+    survivors = each[0.0]
+    for e in budgets:
+        survivors = survivors & each[e]  # robust at e: withstood e and every smaller budget
+        assert got[e] == pytest.approx(survivors.mean()) and got[e] <= each[e].mean()
+    assert list(got.values()) == sorted(got.values(), reverse=True) and got[48.0] < got[4.0]
+    assert sum(attacked) < len(budgets) * len(x)  # broken images were not attacked again
+
+
 def test_attacks_agree_with_adversarial_robustness_toolbox(trained):
     """The same images through ART's TensorFlowV2Classifier (an independent implementation):
     FGSM gives the same adversarial images; PGD the same robust accuracy within sampling noise."""

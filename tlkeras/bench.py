@@ -14,6 +14,8 @@ an int8 ONNX model (static QDQ quantization, calibrated on CIFAR-10 training ima
 against the float32 one, with the test-accuracy change when the run's data is at hand.
 onnxruntime's batch-1 FLOP/s is also set against the float32 matmul peak: the headroom
 any float32 runtime has left.
+Adversarial fine-tuning (with --run-dir): FGSM-RS images/s against standard fine-tuning,
+and the seconds of its PGD guard per epoch.
 MobileNetV2 adds the FLOP/s of a depthwise convolution against a pointwise one: what
 limits the depthwise separable blocks on a CPU.
 With --run-dir (a CIFAR-10 run of either base) the run's exported model is timed;
@@ -281,6 +283,47 @@ def bench_finetune(quick: bool, mcfg, unfreeze: str) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+def bench_adversarial(quick: bool, cfg) -> list[dict[str, Any]]:
+    """The cost of finetune.adversarial: FGSM-RS fine-tuning images/s (robustness.
+    AdversarialFinetune: one more forward and backward pass per step) against standard
+    fine-tuning, at the run's precision, resolution and unfreeze setting; and the PGD guard
+    run after every epoch (finetune.robust_check_images) in seconds. Their ratio is the
+    phase-2 time ratio the issue bounds (2.5x): per epoch, steps x step time + guard."""
+    import keras
+
+    from tlkeras.model import set_finetune_trainable
+    from tlkeras.policies import choose_precision, read_cpu_flags
+    from tlkeras.robustness import FGSM_RS_STEP_FACTOR, AdversarialFinetune, RobustAccuracy
+
+    precision = choose_precision("auto", 0, read_cpu_flags())
+    steps, f = 10 if quick else 40, cfg.finetune
+    rates = {}
+    for adversarial in (True, False):
+        model = _model(precision, dataclasses.replace(cfg.model, weights=None))
+        set_finetune_trainable(model, f.unfreeze)
+        trained = AdversarialFinetune(model, f.epsilon, f.step_size or FGSM_RS_STEP_FACTOR * f.epsilon) \
+            if adversarial else model
+        trained.compile(keras.optimizers.Adam(1e-5), "sparse_categorical_crossentropy", jit_compile=False)
+        rates[adversarial] = finetune_images_per_second(trained, steps)
+    keras.mixed_precision.set_global_policy("float32")  # the guard measures the float32 model
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (f.robust_check_images, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, (f.robust_check_images,))
+    guard = RobustAccuracy(_model("float32", dataclasses.replace(cfg.model, weights=None)))
+    guard(images[:8], labels[:8], f.epsilon)  # trace
+    start = time.perf_counter()
+    guard(images, labels, f.epsilon)
+    guard_s = time.perf_counter() - start
+    setup = dict(backbone=cfg.model.backbone, unfreeze=f.unfreeze, image_size=cfg.model.image_size, batch=64,
+                 steps=steps, precision=precision, epsilon=f.epsilon)
+    return [figure("adversarial_finetune_images_per_second", "images/s", rates[True], rates[False],
+                   ours_setup="FGSM-RS (finetune.adversarial)", baseline_setup="standard fine-tuning",
+                   **setup),
+            figure("adversarial_guard_seconds_per_epoch", "s", guard_s, len(images) / rates[False],
+                   baseline_setup="standard fine-tuning of the same number of images",
+                   note=f"PGD-10 on {len(images)} val images after every epoch", **setup)]  # fmt: skip
+
+
 def bench_depthwise(quick: bool) -> list[dict[str, Any]]:
     """What limits a depthwise convolution on a CPU: its FLOP/s against a 1x1 (pointwise)
     convolution on the same float32 tensor (64 x 16 x 16 x 192: a MobileNetV2 expansion
@@ -495,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
             except UserError as e:  # no CIFAR-10 here: skip these figures, keep the others
                 print(f"{needs_data.__name__} skipped: {e}", file=sys.stderr)
         emit(bench_finetune(args.quick, cfg.model, cfg.finetune.unfreeze))
+        emit(bench_adversarial(args.quick, cfg))
 
     return run_cli(run, args.debug)
 

@@ -165,15 +165,41 @@ class RobustAccuracy:
             return tf.argmax(pixel_logits(model, adv), axis=1)
 
         self._predict = predict
+        self._classify = tf.function(lambda x: tf.argmax(pixel_logits(model, tf.cast(x, tf.float32)), axis=1),
+                                     reduce_retracing=True)  # epsilon 0: no attack, no gradients
 
     def __call__(self, images: np.ndarray, labels: np.ndarray, epsilon: float, seed: int = 0) -> float:
-        correct = 0
+        return float(self.correct(images, labels, epsilon, seed).mean()) if len(images) else 0.0
+
+    def correct(self, images: np.ndarray, labels: np.ndarray, epsilon: float, seed: int = 0) -> np.ndarray:
+        """bool [n]: whether each image is still classified right after the attack."""
+        out = []
         for i in range(0, len(images), self.batch_size):
             x, y = images[i:i + self.batch_size], labels[i:i + self.batch_size]
-            pred = self._predict(tf.constant(x), tf.constant(y, tf.int64), tf.constant(float(epsilon)),
-                                 tf.constant(seed + i, tf.int64))  # fmt: skip
-            correct += int((pred.numpy() == y).sum())
-        return correct / max(len(images), 1)
+            if epsilon == 0:
+                pred = self._classify(tf.constant(x))
+            else:
+                pred = self._predict(tf.constant(x), tf.constant(y, tf.int64), tf.constant(float(epsilon)),
+                                     tf.constant(seed + i, tf.int64))  # fmt: skip
+            out.append(pred.numpy() == y)
+        return np.concatenate(out) if out else np.zeros(0, bool)
+
+    def cascade(self, images: np.ndarray, labels: np.ndarray, epsilons, seed: int = 0) -> dict[float, float]:
+        """Robust accuracy at each budget of `epsilons` (ascending), attacking at each only
+        the images that survived every smaller one (and the clean pass): an adversarial
+        image found inside a smaller ball lies inside the larger, so an image broken at 2/255
+        is broken at 8/255 and need not be attacked again. The result is the accuracy under
+        the union of the attacks up to that budget, never above the single-budget one; as
+        AutoAttack does (Croce & Hein 2020, attacks run only on points not yet broken). On a
+        standard model most images fall at the first budget: about a third of the work."""
+        alive = self.correct(images, labels, 0.0, seed)
+        out = {}
+        for e in epsilons:
+            idx = np.flatnonzero(alive)
+            if len(idx):
+                alive[idx] = self.correct(images[idx], labels[idx], e, seed)
+            out[e] = float(alive.mean()) if len(alive) else 0.0
+        return out
 
 
 def robust_accuracy(model: keras.Model, images: np.ndarray, labels: np.ndarray, epsilon: float,
@@ -237,7 +263,8 @@ class RobustAccuracyCheck(keras.callbacks.Callback):
         self.epsilon, self.history, self.on_record, self.seed = epsilon, history, on_record, seed
 
     def on_epoch_end(self, epoch, logs=None):
-        accuracy = self.measure(self.images, self.labels, self.epsilon, seed=self.seed)
+        # cascade: the clean pass first, then PGD on the images it got right only
+        accuracy = self.measure.cascade(self.images, self.labels, [self.epsilon], self.seed)[self.epsilon]
         best = max(self.history.values(), default=0.0)
         log = logging.getLogger("tlkeras")
         log.info("finetune: epoch %d PGD-%d accuracy at %g/255 on %d val images: %.4f",

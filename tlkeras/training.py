@@ -36,7 +36,7 @@ from tlkeras import rundir
 from tlkeras.config import Config
 from tlkeras.data import DatasetInfo, Splits, feature_dataset, feature_epochs, make_datasets, read_errors
 from tlkeras.errors import UserError, writing
-from tlkeras.evaluate import fit_temperature, logits_function, predict_logits, to_arrays, trust_report
+from tlkeras.evaluate import choose_temperature, logits_function, predict_logits, to_arrays, trust_report
 from tlkeras.export import export_model
 from tlkeras.model import build_model, set_finetune_trainable, split_at_features
 from tlkeras.robustness import FGSM_RS_STEP_FACTOR, PGD_STEPS, AdversarialFinetune, RobustAccuracyCheck
@@ -338,8 +338,8 @@ def fit_phase(
         best_path.unlink()
         best_so_far = None
     if resume_at > first_epoch or skip:
-        log.info("%s: resuming at epoch %d%s (best val_accuracy so far %s)", phase, resume_at + 1,
-                 f", step {skip + 1} of {steps}" if skip else "", best_so_far)  # fmt: skip
+        log.info("%s: resuming at epoch %d%s (best %s so far %s)", phase, resume_at + 1,
+                 f", step {skip + 1} of {steps}" if skip else "", monitor, best_so_far)  # fmt: skip
     trainable = sum(int(np.prod(v.shape)) for v in trained.trainable_weights)
     log.info("%s: epochs %d-%d, %d trainable parameters, %d steps/epoch, %d replica(s)",
              phase, first_epoch + 1, first_epoch + epochs, trainable, steps,
@@ -621,7 +621,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
         temperature = report["calibration"]["temperature"]
     elif cfg.evaluate.fold_temperature:
         val_x, val_y = to_arrays(splits.val)
-        temperature = round(fit_temperature(predict_logits(logits_function(model), val_x), val_y), 4)
+        temperature = round(choose_temperature(predict_logits(logits_function(model), val_x), val_y, cfg.seed)[0], 4)
 
     exports = []
     if cfg.export.enabled:
