@@ -94,7 +94,7 @@ def test_cli_bad_run_folders_are_one_line_and_exit_1(tmp_path, capsys):
 def test_a_run_reports_at_the_end_of_training_and_on_demand(mock_cifar, tmp_path, capsys):
     cfg = load_config(None, tiny_overrides(**{
         "finetune.epochs": "0", "export.enabled": "true", "evaluate.enabled": "true",
-        "evaluate.quick_adversarial_images": "8",
+        "evaluate.quick_adversarial_images": "8", "evaluate.quick_test_images": "10",
     }))  # fmt: skip
     summary = train_and_evaluate(cfg, tmp_path)
     t = summary["temperature"]
@@ -102,6 +102,9 @@ def test_a_run_reports_at_the_end_of_training_and_on_demand(mock_cifar, tmp_path
     assert summary["trust_report"]["file"] == "report.json"
     first = json.loads((tmp_path / "report.json").read_text())
     assert first["quick"] and first["calibration"]["temperature"] == t
+    # It reuses training's test pass: clean accuracy and calibration on the whole test split.
+    assert first["clean"]["images"] == summary["test_examples"] == 24 and first["tta"]["images"] == 10
+    assert first["clean"]["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-4)
 
     assert E.main(["--run-dir", str(tmp_path)]) == 0  # the full report, from the folder alone
     report = json.loads((tmp_path / "report.json").read_text())

@@ -434,12 +434,10 @@ def fit_phase(
     return record
 
 
-def evaluate(model: keras.Model, test: tf.data.Dataset, class_names: tuple[str, ...]) -> dict[str, Any]:
+def evaluate(preds: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]) -> dict[str, Any]:
     """Test accuracy, per-class accuracy (keyed by class name; None for a class with no test
-    image) and the confusion matrix (rows: true class, columns: predicted, in class-index order)."""
-    labels = np.concatenate([y.numpy() for _, y in test])
-    probs = model.predict(test, verbose=0)
-    preds = probs.argmax(axis=1)
+    image) and the confusion matrix (rows: true class, columns: predicted, in class-index
+    order) of predicted classes `preds` int [n] against `labels` int [n]."""
     matrix = tf.math.confusion_matrix(labels, preds, num_classes=len(class_names)).numpy()
     counts = matrix.sum(axis=1)
     per_class = [round(float(c / n), 4) if n else None  # None: no test image of that class
@@ -601,8 +599,12 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
     if not chief:
         return {"worker": True, "weights_sha256": fingerprint, "phases": records}
 
+    # The test split's logits, once: the accuracy here and the trust report's clean pass.
+    logits_fn = logits_function(model)
     with read_errors(cfg.data):
-        results = evaluate(model, splits.test, info.class_names)
+        test = to_arrays(splits.test)
+    test_logits = predict_logits(logits_fn, test[0])
+    results = evaluate(test_logits.argmax(1), test[1], info.class_names)
     with writing(run_dir / "confusion_matrix.png", "the confusion matrix"):
         save_confusion_png(results["confusion_matrix"], info.class_names, info.name,
                            run_dir / "confusion_matrix.png")  # fmt: skip
@@ -615,17 +617,18 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
             tmp_model.unlink(missing_ok=True)
 
     # The trust report (quick) fits the temperature; without it, only the temperature is fitted.
-    report = trust_report(model, cfg, splits, run_dir, quick=True) if cfg.evaluate.enabled else None
+    report = trust_report(model, cfg, splits, run_dir, quick=True, test=(*test, test_logits)) \
+        if cfg.evaluate.enabled else None
     temperature = None
     if report:
         temperature = report["calibration"]["temperature"]
     elif cfg.evaluate.fold_temperature:
         val_x, val_y = to_arrays(splits.val)
-        temperature = round(choose_temperature(predict_logits(logits_function(model), val_x), val_y, cfg.seed)[0], 4)
+        temperature = round(choose_temperature(predict_logits(logits_fn, val_x), val_y, cfg.seed)[0], 4)
 
     exports = []
     if cfg.export.enabled:
-        first_test = np.stack([x.numpy() for x, _ in splits.test.unbatch().take(64)])
+        first_test = test[0][:64]
         base = Path(cfg.export.base) if cfg.export.base else run_dir / "export"
         folded = temperature if cfg.evaluate.fold_temperature else 1.0
         with rundir.locked(base, "export base"), writing(base, "the export", 3 * sum(w.nbytes for w in model.get_weights())):
