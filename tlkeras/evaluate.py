@@ -14,7 +14,8 @@ data; writes into it, atomically:
     misclassified.png  the highest-loss test images, true and predicted names, probabilities
 
 and a short table to the log. Subset sizes are the run's `evaluate.*` settings (--quick:
-the `quick_*` ones, also used by the report at the end of training).
+the `quick_*` ones, also used by the report at the end of training, which reuses
+training's test pass: its clean accuracy and calibration cover the whole test split).
 """
 
 from __future__ import annotations
@@ -109,24 +110,31 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = 0.05, h
 
 
 def choose_temperature(logits: np.ndarray, labels: np.ndarray, seed: int = 0) -> tuple[float, dict[str, Any]]:
-    """The temperature to ship: fit_temperature on all of `logits` (val; [n, C], labels
-    int [n]), kept only if it also lowers the NLL of data it was not fitted on, by 2-fold
-    cross-validation (fit on one seeded half, score the other, both ways); else 1.0. A few
-    hundred val images of an undertrained model can fit a T that makes things worse
-    elsewhere; the check costs milliseconds. Returns (T, a record of the evidence)."""
+    """The temperature to ship, from the val split's logits [n, C] and int labels [n]:
+    fit_temperature on all of them, kept only if temperatures fitted on one seeded half
+    lower the NLL of the other half (both ways, 2-fold cross-validation); else 1.0, with a
+    warning. A few hundred val images of an undertrained model can fit a T that makes
+    things worse elsewhere; the check costs milliseconds. Fewer than 20 val images give no
+    evidence either way: T = 1. Returns (T, a record of the evidence)."""
     fitted = fit_temperature(logits, labels)
     halves = np.array_split(np.random.default_rng(seed).permutation(len(labels)), 2)
+    record: dict[str, Any] = {"fitted": round(fitted, 4), "kept": False, "held_out_nll": None}
+    if min(len(h) for h in halves) < 10:
+        record["reason"] = f"too few val images to check ({len(labels)}; 20 needed)"
+        log.warning("calibration: %s; keeping T = 1", record["reason"])
+        return 1.0, record
     nll_one = nll_fitted = 0.0
-    if min(len(h) for h in halves) >= 10:  # fewer: no evidence either way, keep T = 1
-        for fit_on, score_on in (halves, halves[::-1]):
-            t = fit_temperature(logits[fit_on], labels[fit_on])
-            nll_one += negative_log_likelihood(logits[score_on], labels[score_on]) / 2
-            nll_fitted += negative_log_likelihood(logits[score_on], labels[score_on], t) / 2
-    kept = nll_fitted < nll_one
-    return (fitted if kept else 1.0), {
-        "fitted": round(fitted, 4), "kept": bool(kept),
-        "held_out_nll": {"T=1": round(nll_one, 4), "fitted T": round(nll_fitted, 4)},
-    }
+    for fit_on, score_on in (halves, halves[::-1]):
+        t = fit_temperature(logits[fit_on], labels[fit_on])
+        nll_one += negative_log_likelihood(logits[score_on], labels[score_on]) / 2
+        nll_fitted += negative_log_likelihood(logits[score_on], labels[score_on], t) / 2
+    record.update(kept=bool(nll_fitted < nll_one),
+                  held_out_nll={"T=1": round(nll_one, 4), "fitted T": round(nll_fitted, 4)})  # fmt: skip
+    if not record["kept"]:
+        record["reason"] = "temperatures fitted on half of val did not lower the NLL of the other half"
+        log.warning("calibration: the temperature fitted on val (%.3f) is not kept: %s; T = 1",
+                    fitted, record["reason"])  # fmt: skip
+    return (fitted if record["kept"] else 1.0), record
 
 
 def fold_temperature(model, temperature: float):
@@ -164,6 +172,19 @@ def predict_logits(logits_fn, images: np.ndarray, batch_size: int = 128, flip: b
     return np.concatenate(out)
 
 
+def dataset_logits(logits_fn, dataset, keep: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One streamed pass over a batched (uint8 images, labels) dataset: (the first `keep`
+    images uint8 [k, S, S, 3] (all with None), int64 labels [n], float32 logits [n, C])."""
+    xs, ys, zs, kept = [], [], [], 0
+    for x, y in dataset.as_numpy_iterator():
+        if keep is None or kept < keep:
+            xs.append(x if keep is None else x[:keep - kept])
+            kept += len(xs[-1])
+        ys.append(y)
+        zs.append(logits_fn(x).numpy())
+    return np.concatenate(xs), np.concatenate(ys).astype(np.int64), np.concatenate(zs)
+
+
 def to_arrays(dataset, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images [n, S, S, 3], int64 labels [n]) of a batched (images, labels) dataset."""
     xs, ys, n = [], [], 0
@@ -195,9 +216,11 @@ def published_corruptions(cfg, info) -> str | None:
     return str(data_dir) if (data_dir / "cifar10_corrupted").is_dir() else None
 
 
-def corruption_accuracy(logits_fn, images, labels, cfg, info, seed: int) -> dict[str, Any]:
-    """Accuracy per corruption and severity 1-5, their mean; from tfds's cifar10_corrupted
-    (its first len(images) test images) when present, else generated in the graph."""
+def corruption_accuracy(logits_fn, images, labels, cfg, info, seed: int, indices=None) -> dict[str, Any]:
+    """Accuracy per corruption and severity 1-5, their mean, of uint8 `images` [n, S, S, 3]
+    with int `labels` [n], which are the test split's images at `indices` (int [n]; None:
+    the first n): from tfds's cifar10_corrupted (the same test indices) when present, else
+    generated in the graph from `images`."""
     import tensorflow as tf
 
     from tlkeras.robustness import CORRUPTIONS, corrupt
@@ -210,9 +233,12 @@ def corruption_accuracy(logits_fn, images, labels, cfg, info, seed: int) -> dict
             if data_dir:
                 import tensorflow_datasets as tfds
 
-                ds = tfds.load(f"cifar10_corrupted/{name}_{severity}", split=f"test[:{len(images)}]",
+                last = len(images) if indices is None else int(np.max(indices, initial=-1)) + 1
+                ds = tfds.load(f"cifar10_corrupted/{name}_{severity}", split=f"test[:{last}]",
                                data_dir=data_dir, download=False, as_supervised=True)  # fmt: skip
                 x, y = to_arrays(ds.batch(256))
+                if indices is not None:
+                    x, y = x[indices], y[indices]
             else:
                 x = np.concatenate([corrupt(tf.constant(images[i:i + 256]), name, severity, seed + i).numpy()
                                     for i in range(0, len(images), 256)])  # fmt: skip
@@ -237,14 +263,15 @@ def adversarial_accuracy(model, images, labels, seed: int) -> dict[str, Any]:
     from tlkeras.robustness import EPSILONS, PGD_STEPS, RobustAccuracy
 
     fgsm, pgd = RobustAccuracy(model, fgsm=True), RobustAccuracy(model)
+    clean = pgd.correct(images, labels, 0)
     return {
         "images": int(len(images)),
         "seed": seed,
         "pgd_steps": PGD_STEPS,
-        "clean_accuracy": round(pgd(images, labels, 0), 4),
+        "clean_accuracy": round(float(clean.mean()) if len(clean) else 0.0, 4),
         "budgets": "cascaded: robust at a budget = withstood it and every smaller one",
-        "fgsm": {str(e): round(v, 4) for e, v in fgsm.cascade(images, labels, EPSILONS).items()},
-        "pgd": {str(e): round(v, 4) for e, v in pgd.cascade(images, labels, EPSILONS, seed).items()},
+        "fgsm": {str(e): round(v, 4) for e, v in fgsm.cascade(images, labels, EPSILONS, clean=clean).items()},
+        "pgd": {str(e): round(v, 4) for e, v in pgd.cascade(images, labels, EPSILONS, seed, clean).items()},
     }
 
 
@@ -267,15 +294,16 @@ def trust_report(model, cfg, splits, run_dir: Path, quick: bool = False, test=No
     all_x, all_y, all_logits = test if test is not None else (*to_arrays(splits.test), None)
     pick = subset(len(all_y), sizes[0], cfg.seed)
     if all_logits is None:  # the clean pass on the subset only
+        t0 = time.perf_counter()
         test_x, test_y, logits = all_x[pick], all_y[pick], predict_logits(logits_fn, all_x[pick])
+        clean_s = time.perf_counter() - t0
         tta_pick = np.arange(len(pick))
     else:
-        test_x, test_y, logits, tta_pick = all_x, all_y, all_logits, pick
+        if len(all_logits) != len(all_y):
+            raise ValueError(f"test logits for {len(all_logits)} images, labels for {len(all_y)}")
+        test_x, test_y, logits, tta_pick, clean_s = all_x, all_y, all_logits, pick, None
     val_logits = predict_logits(logits_fn, val_x)
     temperature, evidence = choose_temperature(val_logits, val_y, cfg.seed)
-    if not evidence["kept"]:
-        log.warning("calibration: the temperature fitted on val (%.3f) did not lower the NLL of held-out "
-                    "val images; keeping T = 1", evidence["fitted"])  # fmt: skip
     t0 = time.perf_counter()
     mirrored = predict_logits(logits_fn, test_x[tta_pick], flip=True)
     mirror_s = time.perf_counter() - t0
@@ -286,11 +314,14 @@ def trust_report(model, cfg, splits, run_dir: Path, quick: bool = False, test=No
         "quick": quick,
         "test_split": info.splits.get("test"),
         "clean": {"accuracy": round(float((probs.argmax(1) == test_y).mean()), 4), "images": int(len(test_y)),
-                  "images_per_second": round(len(tta_pick) / max(mirror_s, 1e-9), 1)},
+                  "seconds": None if clean_s is None else round(clean_s, 1),  # None: training's pass, reused
+                  "reused_training_test_pass": clean_s is None},
         "tta": {"accuracy": round(float((tta.argmax(1) == test_y[tta_pick]).mean()), 4),
                 "images": int(len(tta_pick)),
                 "clean_accuracy": round(float((probs[tta_pick].argmax(1) == test_y[tta_pick]).mean()), 4),
-                "views": ["image", "mirror image"], "cost": 2.0},  # two forward passes per image
+                "views": ["image", "mirror image"],
+                "mirror_pass_seconds": round(mirror_s, 1),  # the extra cost of TTA over the clean pass
+                "cost": None if clean_s is None else round((clean_s + mirror_s) / clean_s, 2)},
         "calibration": {
             "temperature": round(temperature, 4), "fitted_on": f"val ({len(val_y)} images)",
             "cross_validation": evidence,
@@ -299,12 +330,13 @@ def trust_report(model, cfg, splits, run_dir: Path, quick: bool = False, test=No
             "ece_after": round(expected_calibration_error(probs_t, test_y), 4),
             "nll_before": round(negative_log_likelihood(logits, test_y), 4),
             "nll_after": round(negative_log_likelihood(logits, test_y, temperature), 4),
-            "exports_calibrated": cfg.evaluate.fold_temperature,
+            "exports_calibrated": bool(cfg.evaluate.fold_temperature and temperature != 1.0),
         },
     }  # fmt: skip
     t0 = time.perf_counter()
     c_pick = subset(len(all_y), sizes[1], cfg.seed + 1)
-    report["corruptions"] = corruption_accuracy(logits_fn, all_x[c_pick], all_y[c_pick], cfg, info, cfg.seed)
+    report["corruptions"] = corruption_accuracy(logits_fn, all_x[c_pick], all_y[c_pick], cfg, info, cfg.seed,
+                                                c_pick)  # fmt: skip
     report["corruptions"]["seconds"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     a_pick = subset(len(all_y), sizes[2], cfg.seed + 2)
@@ -329,8 +361,8 @@ def log_table(r: dict[str, Any]) -> None:
     log.info("trust report%s: %d test images, %.0f s",
              " (quick)" if r["quick"] else "", c["images"], r["wall_time_s"])  # fmt: skip
     t = r["tta"]
-    log.info("  accuracy  clean %.4f   TTA (mirror) %.4f against %.4f clean on the same %d images, 2x the cost",
-             c["accuracy"], t["accuracy"], t["clean_accuracy"], t["images"])  # fmt: skip
+    log.info("  accuracy  clean %.4f   TTA (mirror) %.4f against %.4f clean on the same %d images (+%.0f s)",
+             c["accuracy"], t["accuracy"], t["clean_accuracy"], t["images"], t["mirror_pass_seconds"])  # fmt: skip
     log.info("  ECE       %.2f%% -> %.2f%% after T=%.3f   NLL %.3f -> %.3f", 100 * cal["ece_before"],
              100 * cal["ece_after"], cal["temperature"], cal["nll_before"], cal["nll_after"])  # fmt: skip
     corr = r["corruptions"]
@@ -469,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m tlkeras.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True, help="a finished training run")
     parser.add_argument("--quick", action="store_true",
-                        help="the evaluate.quick_* subset sizes (as at the end of training)")
+                        help="the evaluate.quick_* subset sizes (the end-of-training report's)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

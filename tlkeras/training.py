@@ -36,7 +36,7 @@ from tlkeras import rundir
 from tlkeras.config import Config
 from tlkeras.data import DatasetInfo, Splits, feature_dataset, feature_epochs, make_datasets, read_errors
 from tlkeras.errors import UserError, writing
-from tlkeras.evaluate import choose_temperature, logits_function, predict_logits, to_arrays, trust_report
+from tlkeras.evaluate import choose_temperature, dataset_logits, logits_function, predict_logits, to_arrays, trust_report
 from tlkeras.export import export_model
 from tlkeras.model import build_model, set_finetune_trainable, split_at_features
 from tlkeras.robustness import FGSM_RS_STEP_FACTOR, PGD_STEPS, AdversarialFinetune, RobustAccuracyCheck
@@ -601,10 +601,9 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
 
     # The test split's logits, once: the accuracy here and the trust report's clean pass.
     logits_fn = logits_function(model)
-    with read_errors(cfg.data):
-        test = to_arrays(splits.test)
-    test_logits = predict_logits(logits_fn, test[0])
-    results = evaluate(test_logits.argmax(1), test[1], info.class_names)
+    with read_errors(cfg.data):  # the images are kept for the report, else only 64 for the export
+        test = dataset_logits(logits_fn, splits.test, None if cfg.evaluate.enabled else 64)
+    results = evaluate(test[2].argmax(1), test[1], info.class_names)
     with writing(run_dir / "confusion_matrix.png", "the confusion matrix"):
         save_confusion_png(results["confusion_matrix"], info.class_names, info.name,
                            run_dir / "confusion_matrix.png")  # fmt: skip
@@ -617,7 +616,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
             tmp_model.unlink(missing_ok=True)
 
     # The trust report (quick) fits the temperature; without it, only the temperature is fitted.
-    report = trust_report(model, cfg, splits, run_dir, quick=True, test=(*test, test_logits)) \
+    report = trust_report(model, cfg, splits, run_dir, quick=True, test=test) \
         if cfg.evaluate.enabled else None
     temperature = None
     if report:
@@ -653,7 +652,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
         "precision": precision,
         "weights_sha256": fingerprint,
         "temperature": temperature,  # fitted on val; folded into the exports with evaluate.fold_temperature
-        "exports_calibrated": bool(cfg.evaluate.fold_temperature and temperature),
+        "exports_calibrated": bool(cfg.evaluate.fold_temperature and temperature not in (None, 1.0)),
         "trust_report": report and {
             "file": "report.json", "quick": True, "tta_accuracy": report["tta"]["accuracy"],
             "ece_before": report["calibration"]["ece_before"], "ece_after": report["calibration"]["ece_after"],
