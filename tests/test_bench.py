@@ -36,6 +36,12 @@ def test_run_without_export_is_a_user_error(tmp_path):
         bench.exported_model(tmp_path, tmp_path, None)
 
 
+def test_figures_that_need_a_run_without_one_are_one_line(capsys):
+    assert bench.main(["--only", "adversarial", "--only", "phase1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "adversarial phase1 needs --run-dir" in err[0], err
+
+
 def test_conv_macs_counts_vgg16_and_the_trainable_part():
     from tlkeras.config import ModelConfig
     from tlkeras.model import build_model, set_finetune_trainable

@@ -501,6 +501,9 @@ def image_size(text: str) -> int:
     return int(text)
 
 
+FIGURES = ("inference", "phase1", "pipeline", "finetune", "adversarial")  # inference: with int8, depthwise
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m tlkeras.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats: a few minutes")
@@ -509,9 +512,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="without --run-dir: the base of the fresh model (default vgg16)")
     parser.add_argument("--image-size", type=image_size, metavar="PX",
                         help="without --run-dir: the model's input size (default 32)")
+    parser.add_argument("--only", choices=FIGURES, action="append",
+                        help="only these figures (repeatable; default: all); phase1, pipeline and "
+                             "adversarial need --run-dir")  # fmt: skip
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     quiet_libraries(args.debug)  # before TensorFlow is imported
+    wanted = set(args.only or FIGURES)
 
     def run() -> None:
         from tlkeras.config import ModelConfig
@@ -519,27 +526,34 @@ def main(argv: list[str] | None = None) -> int:
         if args.run_dir and (args.backbone or args.image_size):
             raise UserError("--backbone and --image-size describe a fresh model; with --run-dir "
                             "the run's own are timed: drop them, or drop --run-dir")  # fmt: skip
+        if not args.run_dir and wanted <= {"phase1", "pipeline", "adversarial"}:
+            raise UserError(f"--only {' '.join(sorted(wanted))} needs --run-dir: a CIFAR-10 run to measure")
         cfg = run_config(args.run_dir)
         mcfg = cfg.model if cfg else ModelConfig(backbone=args.backbone or "vgg16", weights=None,
                                                  image_size=args.image_size or 32)  # fmt: skip
-        with tempfile.TemporaryDirectory() as tmp:
-            savedmodel, onnx_path = exported_model(args.run_dir, Path(tmp), mcfg)
-            emit(bench_inference(savedmodel, onnx_path, args.quick, mcfg))
-            emit(bench_int8(onnx_path, Path(tmp), args.quick, bench_data(args.run_dir, args.quick)))
-        if mcfg.backbone == "mobilenet_v2":
-            emit(bench_depthwise(args.quick))
+        if "inference" in wanted:
+            with tempfile.TemporaryDirectory() as tmp:
+                savedmodel, onnx_path = exported_model(args.run_dir, Path(tmp), mcfg)
+                emit(bench_inference(savedmodel, onnx_path, args.quick, mcfg))
+                emit(bench_int8(onnx_path, Path(tmp), args.quick, bench_data(args.run_dir, args.quick)))
+            if mcfg.backbone == "mobilenet_v2":
+                emit(bench_depthwise(args.quick))
         if cfg is None:
-            print("phase 1 and input-pipeline figures need real CIFAR-10: pass --run-dir",
+            print("phase 1, input-pipeline and adversarial figures need a CIFAR-10 run: pass --run-dir",
                   file=sys.stderr)  # fmt: skip
-            emit(bench_finetune(args.quick, mcfg, "all"))
+            if "finetune" in wanted:
+                emit(bench_finetune(args.quick, mcfg, "all"))
             return
-        for needs_data in (bench_phase1, bench_pipeline):
+        for name, needs_data in (("phase1", bench_phase1), ("pipeline", bench_pipeline)):
             try:
-                emit(needs_data(cfg, args.quick))
+                if name in wanted:
+                    emit(needs_data(cfg, args.quick))
             except UserError as e:  # no CIFAR-10 here: skip these figures, keep the others
                 print(f"{needs_data.__name__} skipped: {e}", file=sys.stderr)
-        emit(bench_finetune(args.quick, cfg.model, cfg.finetune.unfreeze))
-        emit(bench_adversarial(args.quick, cfg))
+        if "finetune" in wanted:
+            emit(bench_finetune(args.quick, cfg.model, cfg.finetune.unfreeze))
+        if "adversarial" in wanted:
+            emit(bench_adversarial(args.quick, cfg))
 
     return run_cli(run, args.debug)
 
