@@ -54,6 +54,12 @@ def test_a_temperature_is_shipped_only_when_it_helps_held_out_val_images():
     assert all(t == 1.0 for t, ev in calibrated if not ev["kept"])
     t, ev = E.choose_temperature(*val(2.0, 0, n=12))  # too few to split: no evidence, T = 1
     assert t == 1.0 and not ev["kept"]
+    # Every val image right (a small photo folder): the NLL falls towards T -> 0, a bound of
+    # the search, not a fit; shipping it would turn every answer, wrong ones too, into 0 or 1.
+    logits = np.random.default_rng(0).normal(0, 1, (60, 2))
+    logits[:, 0] += 3.0
+    t, ev = E.choose_temperature(logits, np.zeros(60, int))
+    assert ev["fitted"] < 0.1 and t == 1.0 and not ev["kept"] and "no minimum" in ev["reason"]
 
 
 def test_the_calibrated_export_passes_parity_and_outputs_softmax_of_logits_over_t(tmp_path):

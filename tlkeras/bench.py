@@ -487,7 +487,8 @@ def run_config(run_dir: Path | None):
         # Its baselines (the keras.io recipe on tfds CIFAR-10, int8 calibration) are CIFAR-10's.
         raise UserError(
             f"the benchmark measures CIFAR-10 runs; '{run_dir}' trained on {cfg.data.dataset}: "
-            f"pass a CIFAR-10 run, or no --run-dir"
+            f"pass a CIFAR-10 run, or no --run-dir (then only a fresh model's inference and "
+            f"fine-tuning figures)"
         )
     return cfg
 

@@ -111,30 +111,42 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = 0.05, h
 
 def choose_temperature(logits: np.ndarray, labels: np.ndarray, seed: int = 0) -> tuple[float, dict[str, Any]]:
     """The temperature to ship, from the val split's logits [n, C] and int labels [n]:
-    fit_temperature on all of them, kept only if temperatures fitted on one seeded half
-    lower the NLL of the other half (both ways, 2-fold cross-validation); else 1.0, with a
-    warning. A few hundred val images of an undertrained model can fit a T that makes
-    things worse elsewhere; the check costs milliseconds. Fewer than 20 val images give no
-    evidence either way: T = 1. Returns (T, a record of the evidence)."""
-    fitted = fit_temperature(logits, labels)
+    fit_temperature on all of them, kept only if (1) it is an interior minimum of the NLL,
+    not a bound of the search (when every val image is right the NLL falls towards T -> 0
+    and the "fit" would turn every answer into 0 or 1), and (2) in 2-fold cross-validation
+    each half's fitted temperature, also interior, lowers the NLL of the other half. Else
+    1.0, with a warning and the reason. A few hundred val images of an undertrained model
+    can fit a T that makes things worse elsewhere; the check costs milliseconds. Fewer than
+    20 val images give no evidence either way: T = 1. Returns (T, a record of the evidence)."""
+    low, high = 0.05, 20.0
+
+    def interior(t: float) -> bool:
+        return low * 1.01 < t < high / 1.01
+
+    fitted = fit_temperature(logits, labels, low, high)
     halves = np.array_split(np.random.default_rng(seed).permutation(len(labels)), 2)
     record: dict[str, Any] = {"fitted": round(fitted, 4), "kept": False, "held_out_nll": None}
     if min(len(h) for h in halves) < 10:
         record["reason"] = f"too few val images to check ({len(labels)}; 20 needed)"
-        log.warning("calibration: %s; keeping T = 1", record["reason"])
-        return 1.0, record
-    nll_one = nll_fitted = 0.0
-    for fit_on, score_on in (halves, halves[::-1]):
-        t = fit_temperature(logits[fit_on], labels[fit_on])
-        nll_one += negative_log_likelihood(logits[score_on], labels[score_on]) / 2
-        nll_fitted += negative_log_likelihood(logits[score_on], labels[score_on], t) / 2
-    record.update(kept=bool(nll_fitted < nll_one),
-                  held_out_nll={"T=1": round(nll_one, 4), "fitted T": round(nll_fitted, 4)})  # fmt: skip
-    if not record["kept"]:
-        record["reason"] = "temperatures fitted on half of val did not lower the NLL of the other half"
-        log.warning("calibration: the temperature fitted on val (%.3f) is not kept: %s; T = 1",
-                    fitted, record["reason"])  # fmt: skip
-    return (fitted if record["kept"] else 1.0), record
+    elif not interior(fitted):
+        record["reason"] = (f"the NLL has no minimum inside [{low}, {high}] (every val image right, or "
+                            f"every one wrong): no temperature to fit")  # fmt: skip
+    else:
+        folds = []
+        for fit_on, score_on in (halves, halves[::-1]):
+            t = fit_temperature(logits[fit_on], labels[fit_on], low, high)
+            folds.append({"fitted": round(t, 4), "T=1": round(negative_log_likelihood(logits[score_on], labels[score_on]), 4),
+                          "fitted T": round(negative_log_likelihood(logits[score_on], labels[score_on], t), 4),
+                          "interior": interior(t)})  # fmt: skip
+        record["held_out_nll"] = folds
+        record["kept"] = all(f["interior"] and f["fitted T"] < f["T=1"] for f in folds)
+        if not record["kept"]:
+            record["reason"] = "a temperature fitted on one half of val did not lower the NLL of the other half"
+    if record["kept"]:
+        return fitted, record
+    log.warning("calibration: the temperature fitted on val (%.3f) is not kept: %s; T = 1",
+                fitted, record["reason"])  # fmt: skip
+    return 1.0, record
 
 
 def fold_temperature(model, temperature: float):
