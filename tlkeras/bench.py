@@ -305,7 +305,6 @@ def bench_adversarial(quick: bool, cfg) -> list[dict[str, Any]]:
             if adversarial else model
         trained.compile(keras.optimizers.Adam(1e-5), "sparse_categorical_crossentropy", jit_compile=False)
         rates[adversarial] = finetune_images_per_second(trained, steps)
-    keras.mixed_precision.set_global_policy("float32")  # the guard measures the float32 model
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (f.robust_check_images, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, (f.robust_check_images,))

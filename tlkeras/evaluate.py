@@ -39,6 +39,7 @@ RELIABILITY_PNG = "reliability.png"
 GALLERY_PNG = "misclassified.png"
 ECE_BINS = 15  # Guo et al. 2017 (and Naeini et al. 2015) use 15 equal-width bins
 GALLERY_SIZE = 16
+T_BOUNDS = (0.05, 20.0)  # the temperature search range; a fit at either end is no fit
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -95,7 +96,7 @@ def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature:
     return float(-log_p[np.arange(len(labels)), labels].mean())
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = 0.05, high: float = 20.0) -> float:
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = T_BOUNDS[0], high: float = T_BOUNDS[1]) -> float:
     """Temperature scaling (Guo et al. 2017): the one T > 0 minimising the NLL of
     softmax(logits / T) on held-out data, searched over log T in [low, high] with SciPy's
     bounded scalar minimiser (the NLL is convex in 1/T, so unimodal in log T; Guo et al.
@@ -118,12 +119,12 @@ def choose_temperature(logits: np.ndarray, labels: np.ndarray, seed: int = 0) ->
     1.0, with a warning and the reason. A few hundred val images of an undertrained model
     can fit a T that makes things worse elsewhere; the check costs milliseconds. Fewer than
     20 val images give no evidence either way: T = 1. Returns (T, a record of the evidence)."""
-    low, high = 0.05, 20.0
+    low, high = T_BOUNDS
 
     def interior(t: float) -> bool:
         return low * 1.01 < t < high / 1.01
 
-    fitted = fit_temperature(logits, labels, low, high)
+    fitted = fit_temperature(logits, labels)
     halves = np.array_split(np.random.default_rng(seed).permutation(len(labels)), 2)
     record: dict[str, Any] = {"fitted": round(fitted, 4), "kept": False, "held_out_nll": None}
     if min(len(h) for h in halves) < 10:
@@ -134,7 +135,7 @@ def choose_temperature(logits: np.ndarray, labels: np.ndarray, seed: int = 0) ->
     else:
         folds = []
         for fit_on, score_on in (halves, halves[::-1]):
-            t = fit_temperature(logits[fit_on], labels[fit_on], low, high)
+            t = fit_temperature(logits[fit_on], labels[fit_on])
             folds.append({"fitted": round(t, 4), "T=1": round(negative_log_likelihood(logits[score_on], labels[score_on]), 4),
                           "fitted T": round(negative_log_likelihood(logits[score_on], labels[score_on], t), 4),
                           "interior": interior(t)})  # fmt: skip
@@ -147,6 +148,14 @@ def choose_temperature(logits: np.ndarray, labels: np.ndarray, seed: int = 0) ->
     log.warning("calibration: the temperature fitted on val (%.3f) is not kept: %s; T = 1",
                 fitted, record["reason"])  # fmt: skip
     return 1.0, record
+
+
+def val_temperature(logits_fn, val, seed: int = 0) -> tuple[float, dict[str, Any]]:
+    """choose_temperature on the logits of a batched (images, labels) val dataset: the T
+    that training's exports fold in and the report shows, one code path for both."""
+    val_x, val_y = to_arrays(val)
+    temperature, evidence = choose_temperature(predict_logits(logits_fn, val_x), val_y, seed)
+    return temperature, {**evidence, "fitted_on": f"val ({len(val_y)} images)"}
 
 
 def fold_temperature(model, temperature: float):
@@ -300,7 +309,6 @@ def trust_report(model, cfg, splits, run_dir: Path, quick: bool = False, test=No
              else (e.test_images, e.corruption_images, e.adversarial_images))  # fmt: skip
     start = time.perf_counter()
     info = splits.info
-    val_x, val_y = to_arrays(splits.val)
     logits_fn = logits_function(model)
     # Subsets are seeded draws from the whole split, the same with or without `test`.
     all_x, all_y, all_logits = test if test is not None else (*to_arrays(splits.test), None)
@@ -314,8 +322,7 @@ def trust_report(model, cfg, splits, run_dir: Path, quick: bool = False, test=No
         if len(all_logits) != len(all_y):
             raise ValueError(f"test logits for {len(all_logits)} images, labels for {len(all_y)}")
         test_x, test_y, logits, tta_pick, clean_s = all_x, all_y, all_logits, pick, None
-    val_logits = predict_logits(logits_fn, val_x)
-    temperature, evidence = choose_temperature(val_logits, val_y, cfg.seed)
+    temperature, evidence = val_temperature(logits_fn, splits.val, cfg.seed)
     t0 = time.perf_counter()
     mirrored = predict_logits(logits_fn, test_x[tta_pick], flip=True)
     mirror_s = time.perf_counter() - t0
@@ -335,7 +342,7 @@ def trust_report(model, cfg, splits, run_dir: Path, quick: bool = False, test=No
                 "mirror_pass_seconds": round(mirror_s, 1),  # the extra cost of TTA over the clean pass
                 "cost": None if clean_s is None else round((clean_s + mirror_s) / clean_s, 2)},
         "calibration": {
-            "temperature": round(temperature, 4), "fitted_on": f"val ({len(val_y)} images)",
+            "temperature": round(temperature, 4), "fitted_on": evidence.pop("fitted_on"),
             "cross_validation": evidence,
             "bins": ECE_BINS,
             "ece_before": round(expected_calibration_error(probs, test_y), 4),

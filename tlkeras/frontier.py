@@ -25,7 +25,6 @@ def read_point(run_dir: Path) -> dict[str, Any]:
     """One run's point. Raises ValueError with the reason when `run_dir` is not a finished
     run folder (no summary.json: not finished) or its files are unreadable."""
     from tlkeras.config import load_config
-    from tlkeras.errors import UserError
 
     if not run_dir.is_dir():
         raise ValueError("no such folder" if not run_dir.exists() else "not a folder")

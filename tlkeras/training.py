@@ -36,7 +36,7 @@ from tlkeras import rundir
 from tlkeras.config import Config
 from tlkeras.data import DatasetInfo, Splits, feature_dataset, feature_epochs, make_datasets, read_errors
 from tlkeras.errors import UserError, writing
-from tlkeras.evaluate import choose_temperature, dataset_logits, logits_function, predict_logits, to_arrays, trust_report
+from tlkeras.evaluate import dataset_logits, logits_function, to_arrays, trust_report, val_temperature
 from tlkeras.export import export_model
 from tlkeras.model import build_model, set_finetune_trainable, split_at_features
 from tlkeras.robustness import FGSM_RS_STEP_FACTOR, PGD_STEPS, AdversarialFinetune, RobustAccuracyCheck
@@ -622,8 +622,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
     if report:
         temperature = report["calibration"]["temperature"]
     elif cfg.evaluate.fold_temperature:
-        val_x, val_y = to_arrays(splits.val)
-        temperature = round(choose_temperature(predict_logits(logits_fn, val_x), val_y, cfg.seed)[0], 4)
+        temperature = round(val_temperature(logits_fn, splits.val, cfg.seed)[0], 4)
 
     exports = []
     if cfg.export.enabled:
