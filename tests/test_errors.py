@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import make_image_folder, tiny_overrides
 from tlkeras.train import main
 
 
@@ -52,6 +52,15 @@ def test_missing_dataset_with_downloads_off(tmp_path, capsys):
     _, err = run_train(capsys, "--run-dir", str(tmp_path / "run"),
                        *sets(**{"data.data_dir": str(tmp_path / "none"), "data.download": "false"}))  # fmt: skip
     assert "data.data_dir='" in err and "no such folder" in err
+
+
+def test_data_refused_before_training_leaves_no_run_folder(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "one", {"cats": 4})
+    _, err = run_train(capsys, "--run-dir", str(tmp_path / "run"), *sets(**{"data.dataset": str(root)}))
+    assert "has one class" in err and not (tmp_path / "run").exists()
+    (tmp_path / "kept").mkdir()  # a folder the user made is theirs: only its start-up files are written
+    run_train(capsys, "--run-dir", str(tmp_path / "kept"), *sets(**{"data.dataset": str(root)}))
+    assert (tmp_path / "kept" / "train.log").is_file()
 
 
 def test_run_folder_not_writable(mock_cifar, tmp_path, capsys):

@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import platform
+import shutil
 import socket
 import sys
 import tempfile
@@ -136,6 +137,20 @@ def load_dataset(run_dir: Path):
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"'{run_dir / DATASET}' is damaged ({type(e).__name__}: {e}); restore it, "
                         f"or train again with a new --run-dir") from None  # fmt: skip
+
+
+STARTUP_FILES = {LOCK, "config.yaml", "environment.json", "train.log", DATASET}
+
+
+def remove_if_unstarted(run_dir: Path) -> bool:
+    """Deletes `run_dir` when it holds only what a run writes before it trains (the lock,
+    config, environment, dataset description, log; empty folders), as when the data or
+    weights were refused: no trace of a run that never started. Returns whether it did."""
+    files = [f for f in run_dir.rglob("*") if not f.is_dir()]
+    if not run_dir.is_dir() or any(f.parent != run_dir or f.name not in STARTUP_FILES for f in files):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
 
 
 def worker_copy(run_dir: Path) -> Path:

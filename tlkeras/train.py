@@ -39,9 +39,17 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = args.run_dir or default_run_dir(cfg)
         preflight(cfg, run_dir)  # seconds, before TensorFlow and the data load
         quiet_libraries(args.debug)  # imports TensorFlow with its start-up lines hidden
+        from tlkeras.errors import UserError
+        from tlkeras.rundir import remove_if_unstarted
         from tlkeras.training import train_and_evaluate
 
-        train_and_evaluate(cfg, run_dir, argv)
+        created = not run_dir.exists()
+        try:
+            train_and_evaluate(cfg, run_dir, argv)
+        except UserError:
+            if created:  # bad data or weights found before any training: leave no folder behind
+                remove_if_unstarted(run_dir)
+            raise
 
     return run_cli(run, args.debug)
 
