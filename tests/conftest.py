@@ -77,11 +77,17 @@ def free_port() -> int:
 def tiny_overrides(**extra: str) -> list[str]:
     """A config that runs both phases in seconds: random weights, 32x32, 1 epoch each."""
     base = {
-        "model.weights": "null", "model.image_size": "32", "model.head_units": "16",
-        "data.batch_size": "8", "data.shuffle_buffer": "32", "head.epochs": "1",
-        "finetune.epochs": "1", "finetune.unfreeze": "block5", "export.enabled": "false",
+        "model.weights": "null",
+        "model.image_size": "32",
+        "model.head_units": "16",
+        "data.batch_size": "8",
+        "data.shuffle_buffer": "32",
+        "head.epochs": "1",
+        "finetune.epochs": "1",
+        "finetune.unfreeze": "block5",
+        "export.enabled": "false",
         "evaluate.enabled": "false",  # the trust report has its own tests (test_evaluate.py)
-    }  # fmt: skip
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 

@@ -1,6 +1,6 @@
 """`python -m tlkeras.train` on tfds mock data, for tests that need real processes.
 
-    MOCK_EXAMPLES=24 python tests/mock_train.py --run-dir DIR --set ...
+MOCK_EXAMPLES=24 python tests/mock_train.py --run-dir DIR --set ...
 """
 
 import os

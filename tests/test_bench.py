@@ -79,7 +79,7 @@ def test_conv_macs_counts_mobilenet_v2_depthwise_and_pointwise():
 
 
 def test_runs_of_other_data_are_refused_with_a_reason(tmp_path):
-    from tlkeras.config import Config, dump_yaml, load_config
+    from tlkeras.config import dump_yaml, load_config
 
     (tmp_path / "config.yaml").write_text(dump_yaml(load_config(None, ["data.dataset=./photos"])))
     with pytest.raises(bench.UserError, match="measures CIFAR-10 runs"):

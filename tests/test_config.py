@@ -22,14 +22,22 @@ def test_variant_files_load_and_only_list_differences(name):
     cfg = to_flat_dict(load_config(CONFIGS / name))
     for section, values in listed.items():
         items = values.items() if isinstance(values, dict) else [(None, values)]
-        for key, value in items:
+        for key, _ in items:
             dotted = f"{section}.{key}" if key else section
             assert cfg[dotted] != flat_default[dotted], f"{name}: {dotted} repeats the default"
 
 
 def test_overrides_parse_yaml_scalars():
-    cfg = load_config(None, ["head.epochs=3", "model.weights=null", "finetune.learning_rate=1e-4",
-                             "data.download=false", "finetune.unfreeze=block4"])
+    cfg = load_config(
+        None,
+        [
+            "head.epochs=3",
+            "model.weights=null",
+            "finetune.learning_rate=1e-4",
+            "data.download=false",
+            "finetune.unfreeze=block4",
+        ],
+    )
     assert cfg.head.epochs == 3
     assert cfg.model.weights is None
     assert cfg.finetune.learning_rate == pytest.approx(1e-4)
@@ -94,7 +102,9 @@ def test_unfreeze_is_checked_against_the_chosen_backbone():
     load_config(None, ["model.backbone=mobilenet_v2", "finetune.unfreeze=Conv_1"])
     with pytest.raises(ConfigError) as e:
         load_config(None, ["model.backbone=mobilenet_v2", "finetune.unfreeze=block5"])
-    assert str(e.value).startswith("finetune.unfreeze='block5' names no MobileNetV2 layer; use 'all', a block (block_1, ")
+    assert str(e.value).startswith(
+        "finetune.unfreeze='block5' names no MobileNetV2 layer; use 'all', a block (block_1, "
+    )
     assert "block_16, Conv_1) or a layer name such as 'block_16_expand'" in str(e.value)
 
 
@@ -113,23 +123,32 @@ def test_empty_section_means_defaults(tmp_path):
     assert load_config(f).data == Config().data
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("model.weights=/nonexistent/vgg.h5", "model.weights='/nonexistent/vgg.h5': no such readable file"),
-    ("data.dataset=./no/such/photos", "data.dataset='./no/such/photos': no such folder"),
-    ("data.train_split=train[90%:90%]", "data.train_split='train[90%:90%]' selects no examples"),
-    ("data.val_split=train[:10%", "data.val_split='train[:10%' is not a valid tfds split"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("model.weights=/nonexistent/vgg.h5", "model.weights='/nonexistent/vgg.h5': no such readable file"),
+        ("data.dataset=./no/such/photos", "data.dataset='./no/such/photos': no such folder"),
+        ("data.train_split=train[90%:90%]", "data.train_split='train[90%:90%]' selects no examples"),
+        ("data.val_split=train[:10%", "data.val_split='train[:10%' is not a valid tfds split"),
+    ],
+)
 def test_preflight_fails_in_seconds_without_tensorflow(tmp_path, setting, message):
     """`python -m tlkeras.train` with a bad path or split: no TensorFlow import, one line."""
     import subprocess
     import sys
     import time
 
-    code = ("import sys; from tlkeras.train import main; rc = main(sys.argv[1:]); "
-            "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'; sys.exit(rc)")  # fmt: skip
+    code = (
+        "import sys; from tlkeras.train import main; rc = main(sys.argv[1:]); "
+        "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'; sys.exit(rc)"
+    )
     start = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", code, "--run-dir", str(tmp_path / "r"), "--set", setting],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code, "--run-dir", str(tmp_path / "r"), "--set", setting],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode in (1, 2), out.stderr
     assert out.stderr.strip().splitlines() == [f"error: {out.stderr.strip().split('error: ', 1)[1]}"]
     assert message in out.stderr and "Traceback" not in out.stderr
@@ -137,11 +156,14 @@ def test_preflight_fails_in_seconds_without_tensorflow(tmp_path, setting, messag
     assert time.monotonic() - start < 20
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("seed=-1", "seed=-1 must be between 0 and 2**32 - 1"),
-    ("seed=99999999999", "seed=99999999999 must be between"),
-    ("name=a/b", "name='a/b' must be a plain folder name"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("seed=-1", "seed=-1 must be between 0 and 2**32 - 1"),
+        ("seed=99999999999", "seed=99999999999 must be between"),
+        ("name=a/b", "name='a/b' must be a plain folder name"),
+    ],
+)
 def test_seed_and_run_name_are_checked_with_the_config(setting, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [setting])

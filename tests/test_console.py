@@ -32,8 +32,10 @@ COMMAND = textwrap.dedent("""
     warnings.warn("a real Python warning")
     print("oneDNN", _pywrap_util_port.IsMklEnabled())
 """)
-PLAIN = "import tensorflow as tf; from tensorflow.python.util import _pywrap_util_port as p; " \
-        "tf.constant(1) + 1; print('oneDNN', p.IsMklEnabled())"  # fmt: skip
+PLAIN = (
+    "import tensorflow as tf; from tensorflow.python.util import _pywrap_util_port as p; "
+    "tf.constant(1) + 1; print('oneDNN', p.IsMklEnabled())"
+)
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -47,13 +49,31 @@ def runs(tmp_path_factory):
     """stdout, stderr of: plain TensorFlow, a quiet command, the same with TLKERAS_DEBUG=1."""
     tmp = tmp_path_factory.mktemp("console")
     procs = {
-        "plain": subprocess.Popen([sys.executable, "-c", PLAIN], env=clean_env(),
-                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-        "quiet": subprocess.Popen([sys.executable, "-c", COMMAND, str(tmp / "quiet")], env=clean_env(),
-                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-        "debug": subprocess.Popen([sys.executable, "-c", COMMAND, str(tmp / "debug")], env=clean_env(TLKERAS_DEBUG="1"),
-                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-    }  # fmt: skip
+        "plain": subprocess.Popen(
+            [sys.executable, "-c", PLAIN],
+            env=clean_env(),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+        "quiet": subprocess.Popen(
+            [sys.executable, "-c", COMMAND, str(tmp / "quiet")],
+            env=clean_env(),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+        "debug": subprocess.Popen(
+            [sys.executable, "-c", COMMAND, str(tmp / "debug")],
+            env=clean_env(TLKERAS_DEBUG="1"),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+    }
     out = {name: p.communicate(timeout=120) for name, p in procs.items()}
     for name, p in procs.items():
         assert p.returncode == 0, out[name][1][-2000:]
@@ -75,8 +95,11 @@ def test_library_logging_is_hidden_but_tlkeras_and_warnings_still_show(runs):
         assert "tlkeras speaks" in stderr and "a real Python warning" in stderr
     assert "contains input name(s)" in debug and "contains input name(s)" not in quiet  # absl INFO
     assert "Assets written to" in debug and "Assets written to" not in quiet  # tensorflow INFO
-    others = [line for line in quiet.splitlines() if line.strip() and "tlkeras speaks" not in line
-              and "a real Python warning" not in line]  # fmt: skip
+    others = [
+        line
+        for line in quiet.splitlines()
+        if line.strip() and "tlkeras speaks" not in line and "a real Python warning" not in line
+    ]
     assert others == []
 
 
@@ -85,19 +108,27 @@ def test_onednn_stays_on(runs):
 
 
 def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], env={**clean_env(), "PYTHONPATH": f"{tmp_path}:{ROOT}"},
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env={**clean_env(), "PYTHONPATH": f"{tmp_path}:{ROOT}"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_other_lines_printed_during_the_import_are_replayed(tmp_path):
-    (tmp_path / "noisy.py").write_text(textwrap.dedent(f"""
+    (tmp_path / "noisy.py").write_text(
+        textwrap.dedent(f"""
         import os, sys
         os.write(2, b"WARNING: {console.HARMLESS[0]}\\n")  # straight to fd 2, as absl does
         os.write(2, b"E0000 something really went wrong\\n")
         print("a Python line on stderr", file=sys.stderr)
         if os.environ.get("FAIL"):
             raise ImportError("noisy cannot load")
-    """))  # fmt: skip
+    """)
+    )
     ok = run_python("from tlkeras.console import import_quietly; import_quietly('noisy'); print('imported')", tmp_path)
     assert ok.returncode == 0 and ok.stdout == "imported\n"
     assert ok.stderr == "E0000 something really went wrong\na Python line on stderr\n"

@@ -35,9 +35,8 @@ def test_train_split_is_augmented(mock_cifar):
 
 def test_augment_is_a_flip_and_shift_of_the_same_pixels():
     image = tf.constant(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    padded = [np.pad(im, ((4, 4), (4, 4), (0, 0)), mode="reflect")
-              for im in (image.numpy(), image.numpy()[:, ::-1])]  # fmt: skip
-    candidates = [p[dy:dy + 32, dx:dx + 32] for p in padded for dy in range(9) for dx in range(9)]
+    padded = [np.pad(im, ((4, 4), (4, 4), (0, 0)), mode="reflect") for im in (image.numpy(), image.numpy()[:, ::-1])]
+    candidates = [p[dy : dy + 32, dx : dx + 32] for p in padded for dy in range(9) for dx in range(9)]
     seen = set()
     for i in range(20):
         out = augment(image, tf.constant([0, i], tf.int64)).numpy()
@@ -123,7 +122,9 @@ def test_failed_download_is_one_readable_error(monkeypatch):
         raise ConnectionError("Failed to resolve 'www.cs.toronto.edu'")
 
     monkeypatch.setattr(tfds, "load", offline)
-    with pytest.raises(UserError, match=r"downloading tfds dataset 'cifar10' failed \(Failed to resolve.*data.download=false"):
+    with pytest.raises(
+        UserError, match=r"downloading tfds dataset 'cifar10' failed \(Failed to resolve.*data.download=false"
+    ):
         make_datasets(DataConfig(download=True))
 
 
@@ -131,11 +132,12 @@ def test_failed_download_is_one_readable_error(monkeypatch):
 
 from pathlib import Path  # noqa: E402
 
+from conftest import make_image_folder  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from conftest import make_image_folder  # noqa: E402
 from tlkeras import data as D  # noqa: E402
-from tlkeras.data import auto_tfds_splits, carve, make_datasets as make  # noqa: E402
+from tlkeras.data import auto_tfds_splits, carve  # noqa: E402
+from tlkeras.data import make_datasets as make  # noqa: E402
 
 
 def labels_of(ds):
@@ -167,8 +169,9 @@ def test_flat_folder_classes_carves_and_skips_what_is_not_an_image(tmp_path, cap
     # Stratified: every class in every split; disjoint; the same seed gives the same split.
     assert sorted(set(labels_of(splits.val))) == [0, 1, 2] and sorted(set(labels_of(splits.test))) == [0, 1, 2]
     again = make(folder_cfg(root, image_size=24, val_fraction=0.2, test_fraction=0.1), seed=3)
-    np.testing.assert_array_equal(np.concatenate([x.numpy() for x, _ in again.test]),
-                                  np.concatenate([x.numpy() for x, _ in splits.test]))
+    np.testing.assert_array_equal(
+        np.concatenate([x.numpy() for x, _ in again.test]), np.concatenate([x.numpy() for x, _ in splits.test])
+    )
 
 
 def test_folder_images_are_those_files_centre_cropped_to_size(tmp_path):
@@ -190,8 +193,7 @@ def test_folder_images_are_those_files_centre_cropped_to_size(tmp_path):
 
 
 def test_train_and_val_folders_pick_epochs_on_a_carve_and_report_on_val(tmp_path):
-    root = make_image_folder(tmp_path / "hym", {"train/ants": 10, "train/bees": 10,
-                                                "val/ants": 4, "val/bees": 5})  # fmt: skip
+    root = make_image_folder(tmp_path / "hym", {"train/ants": 10, "train/bees": 10, "val/ants": 4, "val/bees": 5})
     splits = make(folder_cfg(root, image_size=16))
     info = splits.info
     assert info.num_test == 9 and info.num_val == 2 and info.num_train == 18
@@ -200,16 +202,16 @@ def test_train_and_val_folders_pick_epochs_on_a_carve_and_report_on_val(tmp_path
 
 
 def test_train_val_test_folders_are_used_as_they_are(tmp_path):
-    root = make_image_folder(tmp_path / "d", {"train/a": 6, "train/b": 6, "validation/a": 2,
-                                              "validation/b": 3, "test/a": 4, "test/b": 1})  # fmt: skip
+    root = make_image_folder(
+        tmp_path / "d", {"train/a": 6, "train/b": 6, "validation/a": 2, "validation/b": 3, "test/a": 4, "test/b": 1}
+    )
     info = make(folder_cfg(root, image_size=16)).info
     assert (info.num_train, info.num_val, info.num_test) == (12, 5, 5)
 
 
 def test_split_strings_slice_split_folders_with_tfds_syntax(tmp_path):
     root = make_image_folder(tmp_path / "d", {"train/a": 10, "train/b": 10, "val/a": 3, "val/b": 3})
-    cfg = folder_cfg(root, image_size=16, train_split="train[:50%]", val_split="train[50%:]",
-                     test_split="val")  # fmt: skip
+    cfg = folder_cfg(root, image_size=16, train_split="train[:50%]", val_split="train[50%:]", test_split="val")
     splits = make(cfg)
     assert (splits.num_train, splits.num_val, splits.num_test) == (10, 10, 6)
     assert sorted(set(labels_of(splits.train_plain))) == [0, 1]  # a random slice, not class a only
@@ -232,17 +234,24 @@ def test_the_scan_is_cached_and_redone_when_a_file_changes(tmp_path, monkeypatch
     assert len(calls) == 16  # the listing changed: scanned again, once
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda r: None, "no such folder"),
-    (lambda r: (r / "empty").mkdir(parents=True), "holds no class subfolders with images"),
-    (lambda r: make_image_folder(r, {"only": 3}), "has one class (only)"),
-    (lambda r: (make_image_folder(r, {"a": 3}), (r / "b").mkdir(), (r / "b" / "x.png").write_bytes(b"no")),
-     "class 'b' in"),
-    (lambda r: make_image_folder(r, {"train/a": 3, "train/b": 3, "val/a": 2, "val/c": 2}),
-     "the class folders of val/ differ from train/ (b, c)"),
-    (lambda r: make_image_folder(r, {"train/a": 3, "train/b": 3, "extra/a": 1}), "mixes split folders"),
-    (lambda r: make_image_folder(r, {"a": 2, "b": 2}), "the val split of"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda r: None, "no such folder"),
+        (lambda r: (r / "empty").mkdir(parents=True), "holds no class subfolders with images"),
+        (lambda r: make_image_folder(r, {"only": 3}), "has one class (only)"),
+        (
+            lambda r: (make_image_folder(r, {"a": 3}), (r / "b").mkdir(), (r / "b" / "x.png").write_bytes(b"no")),
+            "class 'b' in",
+        ),
+        (
+            lambda r: make_image_folder(r, {"train/a": 3, "train/b": 3, "val/a": 2, "val/c": 2}),
+            "the class folders of val/ differ from train/ (b, c)",
+        ),
+        (lambda r: make_image_folder(r, {"train/a": 3, "train/b": 3, "extra/a": 1}), "mixes split folders"),
+        (lambda r: make_image_folder(r, {"a": 2, "b": 2}), "the val split of"),
+    ],
+)
 def test_folder_errors_name_the_problem(tmp_path, setup, message):
     root = tmp_path / "data"
     setup(root)
@@ -267,14 +276,21 @@ def test_carve_is_stratified_seeded_and_disjoint():
 # ---------------------------------------------------------------------------- other tfds
 
 
-@pytest.mark.parametrize("available, explicit, expected", [
-    (["train", "test"], {}, {"train": "train[:90%]", "val": "train[90%:100%]", "test": "test"}),
-    (["train"], {}, {"train": "train[:80%]", "val": "train[80%:90%]", "test": "train[90%:]"}),
-    (["train", "validation", "test"], {}, {"train": "train", "val": "validation", "test": "test"}),
-    (["train", "validation"], {}, {"train": "train[:90%]", "val": "train[90%:100%]", "test": "validation"}),
-    # An explicit val reading 'test' takes it: the reported number comes from a carve instead.
-    (["train", "test"], {"val": "test[:50%]"}, {"train": "train[:90%]", "val": "test[:50%]", "test": "train[90%:]"}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "available, explicit, expected",
+    [
+        (["train", "test"], {}, {"train": "train[:90%]", "val": "train[90%:100%]", "test": "test"}),
+        (["train"], {}, {"train": "train[:80%]", "val": "train[80%:90%]", "test": "train[90%:]"}),
+        (["train", "validation", "test"], {}, {"train": "train", "val": "validation", "test": "test"}),
+        (["train", "validation"], {}, {"train": "train[:90%]", "val": "train[90%:100%]", "test": "validation"}),
+        # An explicit val reading 'test' takes it: the reported number comes from a carve instead.
+        (
+            ["train", "test"],
+            {"val": "test[:50%]"},
+            {"train": "train[:90%]", "val": "test[:50%]", "test": "train[90%:]"},
+        ),
+    ],
+)
 def test_automatic_tfds_splits(available, explicit, expected):
     explicit = {"train": None, "val": None, "test": None, **explicit}
     assert auto_tfds_splits(available, explicit, 0.1, 0.1) == expected
@@ -306,8 +322,14 @@ def test_overlapping_splits_are_named_in_a_warning(tmp_path, caplog):
 
 
 def test_overlapping_tfds_splits_are_named_in_a_warning(assets, caplog):
-    cfg = DataConfig(data_dir=str(assets.tfds_dir), download=False, train_split="train[:5000]",
-                     val_split="train[4000:6000]", test_split="test[:100]", cache=False)  # fmt: skip
+    cfg = DataConfig(
+        data_dir=str(assets.tfds_dir),
+        download=False,
+        train_split="train[:5000]",
+        val_split="train[4000:6000]",
+        test_split="test[:100]",
+        cache=False,
+    )
     make(cfg, model_size=32)
     assert "the train split (train[:5000]) and the val split (train[4000:6000]) share 1000 examples" in caplog.text
 
@@ -335,11 +357,14 @@ def test_small_classes_still_give_val_and_test_images():
     assert sum(carve_counts(2, 0.5, 0.5)) == 1  # one always stays in train
 
 
-@pytest.mark.parametrize("layout, message", [
-    ({"val/a": 2, "test/a": 2}, "has split folders (test, val/) but no train/"),
-    ({"train/a": 2, "val/a": 2, "validation/a": 2}, "has both val/ and validation/; keep one"),
-    ({"bus": 3, "car": 3, "train": 3}, "a class named like a split must be renamed"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "layout, message",
+    [
+        ({"val/a": 2, "test/a": 2}, "has split folders (test, val/) but no train/"),
+        ({"train/a": 2, "val/a": 2, "validation/a": 2}, "has both val/ and validation/; keep one"),
+        ({"bus": 3, "car": 3, "train": 3}, "a class named like a split must be renamed"),
+    ],
+)
 def test_ambiguous_layouts_are_refused(tmp_path, layout, message):
     root = make_image_folder(tmp_path / "d", layout)
     with pytest.raises(UserError) as e:
@@ -398,6 +423,7 @@ def test_a_corrupt_record_file_is_one_line_naming_it(tmp_path, monkeypatch):
 
 def test_an_image_unreadable_after_the_scan_is_one_line_naming_it(tmp_path):
     from conftest import make_image_folder
+
     from tlkeras.data import read_errors
     from tlkeras.images import ImageError
 

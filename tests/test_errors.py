@@ -3,8 +3,8 @@
 import os
 
 import pytest
-
 from conftest import make_image_folder, tiny_overrides
+
 from tlkeras.train import main
 
 
@@ -32,13 +32,16 @@ def sets(**extra):
         ({"head.epochs": "0"}, 2, "head.epochs=0 must be greater than 0"),
         ({"finetune.epochs": "-2"}, 2, "finetune.epochs=-2 must be 0 or more"),
         ({"data.batch_size": "0"}, 2, "data.batch_size=0 must be greater than 0"),
-        ({"data.batch_size": "7", "runtime.strategy": "mirrored"}, 2,
-         "data.batch_size=7 does not split evenly across 2 replicas; use a multiple of 2, e.g. 6 or 8"),
+        (
+            {"data.batch_size": "7", "runtime.strategy": "mirrored"},
+            2,
+            "data.batch_size=7 does not split evenly across 2 replicas; use a multiple of 2, e.g. 6 or 8",
+        ),
         ({"data.train_split": "train[:50"}, 2, "data.train_split='train[:50' is not a valid tfds split"),
         ({"finetune.unfreeze": "block7"}, 2, "finetune.unfreeze='block7' names no VGG16 layer"),
         ({"model.weights": "/nonexistent/vgg.h5"}, 1, "model.weights='/nonexistent/vgg.h5': no such readable file"),
     ],
-)  # fmt: skip
+)
 def test_bad_settings(mock_cifar, tmp_path, capsys, extra, code, message):
     got, err = run_train(capsys, "--run-dir", str(tmp_path / "run"), *sets(**extra))
     assert got == code and message in err
@@ -46,11 +49,19 @@ def test_bad_settings(mock_cifar, tmp_path, capsys, extra, code, message):
 
 def test_missing_dataset_with_downloads_off(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    _, err = run_train(capsys, "--run-dir", str(tmp_path / "run"),
-                       *sets(**{"data.data_dir": str(tmp_path / "empty"), "data.download": "false"}))  # fmt: skip
+    _, err = run_train(
+        capsys,
+        "--run-dir",
+        str(tmp_path / "run"),
+        *sets(**{"data.data_dir": str(tmp_path / "empty"), "data.download": "false"}),
+    )
     assert "tfds dataset 'cifar10' not found" in err and "data.download=true" in err
-    _, err = run_train(capsys, "--run-dir", str(tmp_path / "run"),
-                       *sets(**{"data.data_dir": str(tmp_path / "none"), "data.download": "false"}))  # fmt: skip
+    _, err = run_train(
+        capsys,
+        "--run-dir",
+        str(tmp_path / "run"),
+        *sets(**{"data.data_dir": str(tmp_path / "none"), "data.download": "false"}),
+    )
     assert "data.data_dir='" in err and "no such folder" in err
 
 
@@ -97,9 +108,13 @@ def test_nan_loss_stops_and_deletes_the_diverged_checkpoint(mock_cifar, tmp_path
         # probes (the clipped cross-entropy can saturate at a finite loss instead).
         real_compile(model, cfg, phase, steps)
         if phase == "finetune":
-            model.compile(optimizer=model.optimizer, loss=nan_loss, metrics=["accuracy"],
-                          jit_compile=cfg.runtime.jit_compile,
-                          steps_per_execution=cfg.runtime.steps_per_execution)  # fmt: skip
+            model.compile(
+                optimizer=model.optimizer,
+                loss=nan_loss,
+                metrics=["accuracy"],
+                jit_compile=cfg.runtime.jit_compile,
+                steps_per_execution=cfg.runtime.steps_per_execution,
+            )
 
     def spy(model, path):
         existed = path.exists()
@@ -136,10 +151,12 @@ def test_a_bad_flag_is_one_line_and_exit_2(capsys):
     [
         ("{not json", "the TF_CONFIG environment variable is not valid JSON"),
         ('{"cluster": {"worker": ["a:1", "b:2"]}}', "has no 'task' with a 'type' and an 'index'"),
-        ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}',
-         "task index 2 is out of range: cluster.worker lists 2 address(es), so 0 to 1"),
+        (
+            '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}',
+            "task index 2 is out of range: cluster.worker lists 2 address(es), so 0 to 1",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_tf_config_is_one_line_before_tensorflow_starts(tmp_path, capsys, monkeypatch, tf_config, message):
     monkeypatch.setenv("TF_CONFIG", tf_config)
     code, err = run_train(capsys, "--run-dir", str(tmp_path / "run"), *sets())
@@ -169,7 +186,10 @@ def test_full_disk_writing_a_json_file_keeps_the_old_one(tmp_path, monkeypatch):
         raise no_space(self)
 
     monkeypatch.setattr(Path, "write_text", half_then_full)
-    with pytest.raises(UserError, match=r"no space left on the device while writing 'summary.json' to '.*\.summary\.json\.tmp' \(\d+ MB free"):
+    with pytest.raises(
+        UserError,
+        match=r"no space left on the device while writing 'summary.json' to '.*\.summary\.json\.tmp' \(\d+ MB free",
+    ):
         rundir.write_json(path, {"new": 2})
     monkeypatch.undo()
     assert rundir.read_json(path) == {"old": 1} and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
@@ -178,7 +198,9 @@ def test_full_disk_writing_a_json_file_keeps_the_old_one(tmp_path, monkeypatch):
 def _tiny_model():
     import keras
 
-    model = keras.Sequential([keras.Input((2,)), keras.layers.Dropout(0.5), keras.layers.Dense(2, activation="softmax")])
+    model = keras.Sequential(
+        [keras.Input((2,)), keras.layers.Dropout(0.5), keras.layers.Dense(2, activation="softmax")]
+    )
     model.compile(keras.optimizers.Adam(), "sparse_categorical_crossentropy", metrics=["accuracy"])
     model.optimizer.build(model.trainable_variables)
     return model
@@ -190,7 +212,10 @@ def _full_disk_save_weights(monkeypatch):
 
     def save_weights(self, filepath, overwrite=True, **kwargs):
         open(filepath, "wb").write(b"\x89HDF partial")
-        raise OSError(f"Unable to synchronously write file (file write failed: errno = 28, error message = 'No space left on device', name = '{filepath}')")
+        raise OSError(
+            "Unable to synchronously write file (file write failed: errno = 28, "
+            f"error message = 'No space left on device', name = '{filepath}')"
+        )
 
     monkeypatch.setattr(keras.Model, "save_weights", save_weights)
 
@@ -224,8 +249,9 @@ def test_full_disk_writing_the_best_checkpoint_keeps_the_previous_best(tmp_path,
 
     model = _tiny_model()
     path = tmp_path / "best.weights.h5"
-    ckpt = WholeModelCheckpoint(model, str(path), monitor="val_accuracy", mode="max",
-                                save_best_only=True, save_weights_only=True)  # fmt: skip
+    ckpt = WholeModelCheckpoint(
+        model, str(path), monitor="val_accuracy", mode="max", save_best_only=True, save_weights_only=True
+    )
     ckpt.set_model(model)
     ckpt.on_epoch_end(0, {"val_accuracy": 0.5})
     before = path.read_bytes()
@@ -258,7 +284,9 @@ def test_full_disk_writing_the_features_cache_keeps_the_cached_part(tmp_path, mo
     np.testing.assert_array_equal(reused[0], old[0])
 
 
-def test_full_disk_during_the_export_publishes_nothing_and_the_rerun_finishes(mock_cifar, tmp_path, capsys, monkeypatch):
+def test_full_disk_during_the_export_publishes_nothing_and_the_rerun_finishes(
+    mock_cifar, tmp_path, capsys, monkeypatch
+):
     import tensorflow as tf
 
     from tlkeras import export
@@ -296,5 +324,8 @@ def test_a_backup_that_cannot_fit_is_refused_before_hdf5_starts_writing(tmp_path
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9, 1000))
     monkeypatch.setattr(keras.Model, "save_weights", lambda *a, **k: pytest.fail("written"))
-    with pytest.raises(UserError, match=r"no space left on the device while writing the resume backup .*\(0 MB free, about \d+ MB needed\)"):
+    with pytest.raises(
+        UserError,
+        match=r"no space left on the device while writing the resume backup .*\(0 MB free, about \d+ MB needed\)",
+    ):
         backup._save_model()

@@ -5,8 +5,8 @@ import json
 import keras
 import numpy as np
 import pytest
-
 from conftest import tiny_info, tiny_overrides
+
 from tlkeras import evaluate as E
 from tlkeras.config import ModelConfig, load_config
 from tlkeras.model import build_model
@@ -102,11 +102,19 @@ def test_a_run_reports_at_the_end_of_training_and_on_demand(mock_cifar, tmp_path
     # above); keep the fitted T here so that the plumbing of a T != 1 into the exports is tested.
     fitted = lambda logits, labels, seed=0: (E.fit_temperature(logits, labels), {"kept": True})  # noqa: E731
     monkeypatch.setattr(E, "choose_temperature", fitted)
-    cfg = load_config(None, tiny_overrides(**{
-        "data.val_split": "train",
-        "finetune.epochs": "0", "export.enabled": "true", "evaluate.enabled": "true",
-        "evaluate.quick_adversarial_images": "8", "evaluate.quick_test_images": "10",
-    }))  # fmt: skip
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            **{
+                "data.val_split": "train",
+                "finetune.epochs": "0",
+                "export.enabled": "true",
+                "evaluate.enabled": "true",
+                "evaluate.quick_adversarial_images": "8",
+                "evaluate.quick_test_images": "10",
+            }
+        ),
+    )
     summary = train_and_evaluate(cfg, tmp_path)
     t = summary["temperature"]
     assert t > 0 and t != 1.0 and summary["exports_calibrated"] and summary["exports"][0]["temperature"] == t
@@ -157,6 +165,7 @@ def test_the_published_cifar10_corrupted_is_read_when_it_is_in_data_dir(tmp_path
         report = E.corruption_accuracy(logits_fn, blank, np.zeros(8, np.int64), cfg, info, seed=0)
     assert report["source"].startswith("tfds cifar10_corrupted")
     assert len(seen) == 5 * len(CORRUPTIONS) and all(x.shape == (8, 32, 32, 3) and x.any() for x in seen)
-    generated = E.corruption_accuracy(logits_fn, blank, np.zeros(8, np.int64), cfg,
-                                      dataclasses.replace(info, image_size=64), seed=0)  # fmt: skip
+    generated = E.corruption_accuracy(
+        logits_fn, blank, np.zeros(8, np.int64), cfg, dataclasses.replace(info, image_size=64), seed=0
+    )
     assert generated["source"].startswith("generated") and generated["mean_accuracy"] == 1.0

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import pytest
 import tensorflow as tf
-
 from conftest import CIFAR_NAMES, tiny_info
+
 from tlkeras import export
 from tlkeras.images import decode_in_graph, fit_square
 
@@ -86,12 +86,24 @@ def test_saved_model_cli_runs_it(exported, tmp_path):
     _, base, _ = exported
     np.save(tmp_path / "x.npy", np.full((2, 32, 32, 3), 128, np.uint8))
     out = subprocess.run(
-        [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", "run",
-         "--dir", str(base / "tlkeras" / "1"), "--tag_set", "serve",
-         "--signature_def", "serving_default",
-         "--inputs", f"images={tmp_path / 'x.npy'}"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tensorflow.python.tools.saved_model_cli",
+            "run",
+            "--dir",
+            str(base / "tlkeras" / "1"),
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+            "--inputs",
+            f"images={tmp_path / 'x.npy'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "probabilities" in out.stdout and "classes" in out.stdout
 
@@ -101,8 +113,7 @@ def test_warmup_records_are_prediction_logs(exported):
 
     _, base, _ = exported
     path = base / "tlkeras" / "1" / "assets.extra" / "tf_serving_warmup_requests"
-    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy())
-            for r in tf.data.TFRecordDataset(str(path))]  # fmt: skip
+    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(str(path))]
     assert len(logs) == 2
     request = logs[1].predict_log.request
     assert request.model_spec.name == "tlkeras"

@@ -11,8 +11,14 @@ from tlkeras.config import dump_yaml, load_config
 def _run(root, name, backbone, train, minutes, accuracy, finished=True):
     run = root / name
     run.mkdir()
-    cfg = load_config(None, [f"model.backbone={backbone}", "model.image_size=96", "finetune.unfreeze=block_13"
-                             if backbone == "mobilenet_v2" else "finetune.unfreeze=block3"])
+    cfg = load_config(
+        None,
+        [
+            f"model.backbone={backbone}",
+            "model.image_size=96",
+            "finetune.unfreeze=block_13" if backbone == "mobilenet_v2" else "finetune.unfreeze=block3",
+        ],
+    )
     (run / "config.yaml").write_text(dump_yaml(cfg))
     if finished:
         summary = {"test_accuracy": accuracy, "wall_time_s": minutes * 60, "dataset": {"num_train": train}}
@@ -31,8 +37,11 @@ def test_points_table_and_plot(tmp_path, capsys):
     out = tmp_path / "frontier.png"
     assert frontier.main([str(r) for r in runs] + [str(tmp_path / "a.log"), "--out", str(out)]) == 0
     printed = capsys.readouterr()
-    rows = [line for line in printed.out.splitlines() if line.startswith("| ") and "runs" not in line
-            and "---" not in line and "base |" not in line]  # fmt: skip
+    rows = [
+        line
+        for line in printed.out.splitlines()
+        if line.startswith("| ") and "runs" not in line and "---" not in line and "base |" not in line
+    ]
     assert len(rows) == 3  # the unfinished run is skipped, and said so
     assert "skipped" in printed.err and "/d" in printed.err
     assert rows[0].startswith("| mobilenet_v2 | 5000 | 96 | block_13 | 10 | 9.5 | 0.8800")  # sorted: size, base, time

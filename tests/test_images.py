@@ -195,8 +195,9 @@ def test_over_16_mib_is_refused_from_its_size_without_reading(tmp_path, monkeypa
     monkeypatch.setattr(Path, "read_bytes", no_reading)
     with pytest.raises(ImageError) as caught:
         decode_file(path)
-    assert_one_readable_line(str(caught.value), f"'{path}'", "over the 16 MiB limit",
-                             "downscale or re-encode it below 16 MiB")  # fmt: skip
+    assert_one_readable_line(
+        str(caught.value), f"'{path}'", "over the 16 MiB limit", "downscale or re-encode it below 16 MiB"
+    )
 
 
 def test_over_16_mib_bytes_and_a_missing_file(tmp_path):
@@ -242,8 +243,9 @@ def test_fit_square_in_tf_data_and_in_a_graph_with_dynamic_sizes():
 @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
 def serve_bytes(batch):
     """The way export.py runs decode_in_graph: map_fn inside a graph."""
-    return tf.map_fn(lambda data: decode_in_graph(data, 24), batch,
-                     fn_output_signature=tf.TensorSpec([24, 24, 3], tf.uint8))  # fmt: skip
+    return tf.map_fn(
+        lambda data: decode_in_graph(data, 24), batch, fn_output_signature=tf.TensorSpec([24, 24, 3], tf.uint8)
+    )
 
 
 SAME_PIXELS = {
@@ -302,6 +304,7 @@ def test_upright_bytes_sends_the_graph_what_decode_bytes_sees():
     exif[ExifTags.Base.Orientation] = 6
     sideways = encode(np.rot90(blocks(32, 64)), "JPEG", exif=exif)
     sent = upright_bytes(sideways)
-    np.testing.assert_array_equal(decode_in_graph(tf.constant(sent), 24).numpy(),
-                                  fit_square(decode_bytes(sideways), 24).numpy())  # fmt: skip
+    np.testing.assert_array_equal(
+        decode_in_graph(tf.constant(sent), 24).numpy(), fit_square(decode_bytes(sideways), 24).numpy()
+    )
     assert upright_bytes(PNG) is PNG  # nothing to turn: sent as it is

@@ -6,9 +6,14 @@ from tlkeras.config import ModelConfig
 from tlkeras.data import DatasetInfo
 from tlkeras.errors import UserError
 from tlkeras.model import (
-    BACKBONES, MobileNetV2Preprocess, VGG16Preprocess, build_model, find_base, set_finetune_trainable,
+    BACKBONES,
+    MobileNetV2Preprocess,
+    VGG16Preprocess,
+    build_model,
+    find_base,
+    set_finetune_trainable,
     split_at_features,
-)  # fmt: skip
+)
 
 INFO = DatasetInfo(name="t", source="tfds", class_names=tuple("abcdefghij"), image_size=32)
 TINY = ModelConfig(weights=None, image_size=32, head_units=16)
@@ -52,9 +57,11 @@ def test_input_size_and_classes_come_from_the_dataset_info():
 
 @pytest.mark.parametrize(
     "layer, reference",
-    [(VGG16Preprocess, keras.applications.vgg16.preprocess_input),
-     (MobileNetV2Preprocess, keras.applications.mobilenet_v2.preprocess_input)],
-)  # fmt: skip
+    [
+        (VGG16Preprocess, keras.applications.vgg16.preprocess_input),
+        (MobileNetV2Preprocess, keras.applications.mobilenet_v2.preprocess_input),
+    ],
+)
 def test_preprocess_matches_the_keras_transform(layer, reference):
     x = images(2)
     ours = layer()(x)
@@ -100,8 +107,7 @@ def test_phase1_trains_only_the_head(backbone, features):
 
 @pytest.mark.parametrize(
     "unfreeze, base_params",
-    [("all", 14_714_688), ("block5", 3 * (3 * 3 * 512 * 512 + 512)),
-     ("block5_conv3", 3 * 3 * 512 * 512 + 512)],
+    [("all", 14_714_688), ("block5", 3 * (3 * 3 * 512 * 512 + 512)), ("block5_conv3", 3 * 3 * 512 * 512 + 512)],
 )
 def test_finetune_unfreezes_vgg16_from_the_named_layer(unfreeze, base_params):
     model = build_model(TINY, INFO)
@@ -115,21 +121,25 @@ def params_from(keras_base: keras.Model, first: str) -> int:
     names = [layer.name for layer in keras_base.layers]
     layers = keras_base.layers[names.index(first) :]
     return sum(
-        int(np.prod(w.shape)) for layer in layers for w in layer.trainable_weights
+        int(np.prod(w.shape))
+        for layer in layers
+        for w in layer.trainable_weights
         if not isinstance(layer, keras.layers.BatchNormalization)
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize(
     "unfreeze, first, base_params",
     # 2,257,984 parameters: 34,112 BatchNorm moving statistics and 34,112 BatchNorm
     # scales and offsets stay frozen in phase 2.
-    [("all", "Conv1", 2_189_760),
-     ("block_1", "block_1_expand", 2_188_096),
-     ("block_13", "block_13_expand", 1_663_360),  # not block_1's 2,188,096
-     ("block_16_expand", "block_16_expand", 879_040),
-     ("Conv_1", "Conv_1", 409_600)],
-)  # fmt: skip
+    [
+        ("all", "Conv1", 2_189_760),
+        ("block_1", "block_1_expand", 2_188_096),
+        ("block_13", "block_13_expand", 1_663_360),  # not block_1's 2,188,096
+        ("block_16_expand", "block_16_expand", 879_040),
+        ("Conv_1", "Conv_1", 409_600),
+    ],
+)
 def test_finetune_unfreezes_mobilenet_v2_from_the_named_point(unfreeze, first, base_params):
     reference = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3))
     assert params_from(reference, first) == base_params
@@ -269,8 +279,9 @@ def test_real_mobilenet_v2_features_separate_cifar10(mobilenet_assets):
     import tensorflow_datasets as tfds
 
     def load(split):
-        ds = tfds.load("cifar10", split=split, data_dir=str(mobilenet_assets.tfds_dir),
-                       download=False, as_supervised=True)  # fmt: skip
+        ds = tfds.load(
+            "cifar10", split=split, data_dir=str(mobilenet_assets.tfds_dir), download=False, as_supervised=True
+        )
         x, y = zip(*tfds.as_numpy(ds))
         return np.stack(x), np.array(y)
 

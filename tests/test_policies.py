@@ -2,13 +2,27 @@ import pytest
 
 from tlkeras.errors import ConfigError
 from tlkeras.policies import (
-    choose_precision, choose_strategy, per_replica_batch, read_cpu_flags, steps_per_epoch,
+    choose_precision,
+    choose_strategy,
+    per_replica_batch,
+    read_cpu_flags,
+    steps_per_epoch,
     unfreeze_start,
     warmup_steps,
-)  # fmt: skip
+)
 
-VGG_LAYERS = ["input_layer", "block1_conv1", "block1_conv2", "block1_pool", "block2_conv1",
-              "block2_conv2", "block2_pool", "block5_conv1", "block5_conv2", "block5_pool"]
+VGG_LAYERS = [
+    "input_layer",
+    "block1_conv1",
+    "block1_conv2",
+    "block1_pool",
+    "block2_conv1",
+    "block2_conv2",
+    "block2_pool",
+    "block5_conv1",
+    "block5_conv2",
+    "block5_pool",
+]
 
 
 def test_per_replica_batch_splits_evenly_or_says_how_to_fix():
@@ -33,8 +47,14 @@ def test_warmup_is_bounded_by_the_phase():
 
 @pytest.mark.parametrize(
     "requested, tf_config, gpus, expected",
-    [("auto", False, 0, "default"), ("auto", False, 2, "mirrored"), ("auto", True, 0, "multi_worker"),
-     ("auto", True, 4, "multi_worker"), ("default", True, 4, "default"), ("mirrored", False, 0, "mirrored")],
+    [
+        ("auto", False, 0, "default"),
+        ("auto", False, 2, "mirrored"),
+        ("auto", True, 0, "multi_worker"),
+        ("auto", True, 4, "multi_worker"),
+        ("default", True, 4, "default"),
+        ("mirrored", False, 0, "mirrored"),
+    ],
 )
 def test_choose_strategy(requested, tf_config, gpus, expected):
     assert choose_strategy(requested, tf_config, gpus) == expected
@@ -55,8 +75,19 @@ def test_read_cpu_flags(tmp_path):
 
 
 VGG_BLOCKS = ("block1", "block2", "block5")
-MOBILENET_LAYERS = ["input_layer", "Conv1", "bn_Conv1", "block_1_expand", "block_1_project",
-                    "block_13_expand", "block_13_project", "block_16_expand", "Conv_1", "Conv_1_bn", "out_relu"]
+MOBILENET_LAYERS = [
+    "input_layer",
+    "Conv1",
+    "bn_Conv1",
+    "block_1_expand",
+    "block_1_project",
+    "block_13_expand",
+    "block_13_project",
+    "block_16_expand",
+    "Conv_1",
+    "Conv_1_bn",
+    "out_relu",
+]
 MOBILENET_BLOCKS = ("block_1", "block_13", "block_16", "Conv_1")
 
 
@@ -64,8 +95,11 @@ def test_unfreeze_start():
     assert unfreeze_start(VGG_LAYERS, VGG_BLOCKS, "all", "VGG16") == 0
     assert unfreeze_start(VGG_LAYERS, VGG_BLOCKS, "block5", "VGG16") == 7
     assert unfreeze_start(VGG_LAYERS, VGG_BLOCKS, "block2_conv2", "VGG16") == 5
-    with pytest.raises(ConfigError, match=r"'block9' names no VGG16 layer; .*\(block1, block2, block5\) "
-                                          r"or a layer name such as 'block5_conv1'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"'block9' names no VGG16 layer; .*\(block1, block2, block5\) "
+        r"or a layer name such as 'block5_conv1'",
+    ):
         unfreeze_start(VGG_LAYERS, VGG_BLOCKS, "block9", "VGG16")
 
 
@@ -80,8 +114,11 @@ def test_unfreeze_start_mobilenet_v2_blocks_are_whole_names():
     assert unfreeze_start(reordered, ("block_1", "block_13"), "block_1", "MobileNetV2") == 1
     # Only listed blocks match as prefixes: "block" and "Conv" are no unfreeze points.
     for bad in ("block", "Conv", "block_2", "block_1_exp"):
-        with pytest.raises(ConfigError, match=rf"'{bad}' names no MobileNetV2 layer; .*"
-                                              r"\(block_1, block_13, block_16, Conv_1\) .*'block_16_expand'"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"'{bad}' names no MobileNetV2 layer; .*"
+            r"\(block_1, block_13, block_16, Conv_1\) .*'block_16_expand'",
+        ):
             unfreeze_start(MOBILENET_LAYERS, MOBILENET_BLOCKS, bad, "MobileNetV2")
 
 
@@ -94,15 +131,18 @@ def test_final_phase_is_the_best_by_validation_accuracy_later_on_ties():
     assert final_phase({"head": 0.5}) == "head"
 
 
-@pytest.mark.parametrize("available, explicit, expected", [
-    (["train", "test"], {}, {"train": None, "val": None, "test": "test"}),
-    (["train"], {}, {"train": None, "val": None, "test": None}),
-    (["train", "validation", "test"], {}, {"train": None, "val": "validation", "test": "test"}),
-    (["train", "validation"], {}, {"train": None, "val": None, "test": "validation"}),  # never both
-    (["train", "validation"], {"test": "train[:10]"}, {"train": None, "val": "validation", "test": "train[:10]"}),
-    (["train", "validation", "test"], {"test": "validation"}, {"train": None, "val": None, "test": "validation"}),
-    (["train", "validation"], {"val": "val[:50%]"}, {"train": None, "val": "val[:50%]", "test": None}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "available, explicit, expected",
+    [
+        (["train", "test"], {}, {"train": None, "val": None, "test": "test"}),
+        (["train"], {}, {"train": None, "val": None, "test": None}),
+        (["train", "validation", "test"], {}, {"train": None, "val": "validation", "test": "test"}),
+        (["train", "validation"], {}, {"train": None, "val": None, "test": "validation"}),  # never both
+        (["train", "validation"], {"test": "train[:10]"}, {"train": None, "val": "validation", "test": "train[:10]"}),
+        (["train", "validation", "test"], {"test": "validation"}, {"train": None, "val": None, "test": "validation"}),
+        (["train", "validation"], {"val": "val[:50%]"}, {"train": None, "val": "val[:50%]", "test": None}),
+    ],
+)
 def test_assign_splits_never_reports_on_the_split_that_picks_the_epoch(available, explicit, expected):
     from tlkeras.policies import assign_splits
 
@@ -117,13 +157,22 @@ def test_assign_splits_never_reports_on_the_split_that_picks_the_epoch(available
         ("{oops", "is not valid JSON"),
         ("[1, 2]", "must be a JSON object"),
         ('{"task": {"type": "worker", "index": 0}}', "has no 'cluster'"),
-        ('{"cluster": {"worker": "a:1"}, "task": {"type": "worker", "index": 0}}', "cluster.worker must be a list of 'host:port'"),
+        (
+            '{"cluster": {"worker": "a:1"}, "task": {"type": "worker", "index": 0}}',
+            "cluster.worker must be a list of 'host:port'",
+        ),
         ('{"cluster": {"worker": ["a:1"]}}', "has no 'task'"),
-        ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}', "task type 'chief' is not in the cluster (worker)"),
+        (
+            '{"cluster": {"worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}',
+            "task type 'chief' is not in the cluster (worker)",
+        ),
         ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 1}}', "task index 1 is out of range"),
-        ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": "0"}}', "task index '0' is out of range"),
+        (
+            '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": "0"}}',
+            "task index '0' is out of range",
+        ),
     ],
-)  # fmt: skip
+)
 def test_tf_config_problem(text, problem):
     from tlkeras.policies import tf_config_problem
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import CIFAR_NAMES, free_port, tiny_info
+
 from tlkeras import predict as P
 
 
@@ -14,9 +14,11 @@ def image_files(tmp_path):
     gray = rng.integers(0, 256, (40, 40, 1), dtype=np.uint8)
     rgba = np.concatenate([rgb, np.full((32, 32, 1), 255, np.uint8)], axis=-1)
     files = {
-        "small.png": tf.io.encode_png(rgb), "big.jpg": tf.io.encode_jpeg(big),
-        "gray.png": tf.io.encode_png(gray), "alpha.png": tf.io.encode_png(rgba),
-    }  # fmt: skip
+        "small.png": tf.io.encode_png(rgb),
+        "big.jpg": tf.io.encode_jpeg(big),
+        "gray.png": tf.io.encode_png(gray),
+        "alpha.png": tf.io.encode_png(rgba),
+    }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data.numpy())
     return {name: str(tmp_path / name) for name in files}, rgb
@@ -93,8 +95,15 @@ def test_bad_images_get_one_line_each_and_good_ones_an_answer(tiny_export, image
     good = tf.io.encode_png(np.zeros((32, 32, 3), np.uint8)).numpy()
     (tmp_path / "cut.png").write_bytes(good[: len(good) // 2])
     (tmp_path / "notes.txt").write_text("not an image")
-    args = [files["small.png"], str(tmp_path / "cut.png"), str(tmp_path / "notes.txt"),
-            str(tmp_path / "nope.png"), files["big.jpg"], "--model", model]  # fmt: skip
+    args = [
+        files["small.png"],
+        str(tmp_path / "cut.png"),
+        str(tmp_path / "notes.txt"),
+        str(tmp_path / "nope.png"),
+        files["big.jpg"],
+        "--model",
+        model,
+    ]
     assert P.main(args) == 1
     out, err = capsys.readouterr()
     assert [line.split(": ")[0] for line in out.strip().splitlines()] == [files["small.png"], files["big.jpg"]]
@@ -112,8 +121,9 @@ def test_bad_models_are_one_line_errors(image_files, tmp_path, capsys):
 
     # A SavedModel with another input contract (float features) is refused by name.
     module = tf.Module()
-    module.f = tf.function(lambda x: {"probabilities": x * 2.0},
-                           input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])  # fmt: skip
+    module.f = tf.function(
+        lambda x: {"probabilities": x * 2.0}, input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")]
+    )
     tf.saved_model.save(module, str(tmp_path / "other"), signatures={"serving_default": module.f})
     msg = run_cli_error(capsys, [img, "--model", str(tmp_path / "other")])
     assert "does not take uint8 images [batch, S, S, 3] named 'images'" in msg and "x: float32" in msg
@@ -191,8 +201,13 @@ def test_a_batch_of_odd_images_gets_the_same_answers_from_savedmodel_and_onnx(ti
         assert not any("Traceback" in e or "function_node" in e for e in errors)
         outputs.append((out, err))
     assert outputs[0][1] == outputs[1][1]  # the same error lines
-    parsed = [[[(n.rsplit(" ", 1)[0], float(n.rsplit(" ", 1)[1])) for n in line.split(": ")[1].split(", ")]
-               for line in out.strip().splitlines()] for out, _ in outputs]  # fmt: skip
+    parsed = [
+        [
+            [(n.rsplit(" ", 1)[0], float(n.rsplit(" ", 1)[1])) for n in line.split(": ")[1].split(", ")]
+            for line in out.strip().splitlines()
+        ]
+        for out, _ in outputs
+    ]
     for a, b in zip(*parsed):  # the same names, probabilities equal to print precision
         assert [n for n, _ in a] == [n for n, _ in b]
         assert max(abs(p - q) for (_, p), (_, q) in zip(a, b)) <= 2e-4

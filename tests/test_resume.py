@@ -10,16 +10,21 @@ import h5py
 import keras
 import numpy as np
 import pytest
-
 from conftest import tiny_overrides
+
 from tlkeras.config import load_config
 from tlkeras.resume import GracefulStop, Preempted
 from tlkeras.train import main
 from tlkeras.training import train_and_evaluate
 
 # 24 mocked images in batches of 8: 3 steps per epoch; a backup after every step.
-OVERRIDES = {"head.epochs": "1", "finetune.epochs": "2", "runtime.backup_minutes": "1e-9",
-             "runtime.deterministic": "true", "runtime.mixed_precision": "float32"}  # fmt: skip
+OVERRIDES = {
+    "head.epochs": "1",
+    "finetune.epochs": "2",
+    "runtime.backup_minutes": "1e-9",
+    "runtime.deterministic": "true",
+    "runtime.mixed_precision": "float32",
+}
 
 
 class Crash(Exception):
@@ -88,7 +93,7 @@ def test_a_kill_mid_epoch_resumes_at_the_step_with_the_same_batches_and_schedule
     # Continues at optimizer step 4 (epoch 2, batch 2): one step redone, none skipped,
     # the same learning rate at each step and the same batches as the clean run.
     assert resumed_steps == steps[4:]
-    assert resumed_labels == labels[4 * 8:]
+    assert resumed_labels == labels[4 * 8 :]
     assert "finetune: resuming at epoch 3, step 2 of 3" in (killed / "train.log").read_text()
     # Every epoch once, and with op determinism the very same numbers as the clean run.
     assert [r["epoch"] for r in rows(killed)] == ["0", "1", "2"]
@@ -113,7 +118,9 @@ def test_sigterm_mid_epoch_saves_a_backup_and_exits_143(mock_cifar, tmp_path, ca
     assert err[-1].startswith("stopped: SIGTERM: training stopped after step 2 of 3 in epoch 3 (backup saved)")
     assert f"--run-dir '{run_dir}'" in err[-1]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers put back
-    with h5py.File(run_dir / "backup" / "finetune" / "latest.weights.h5") as f:  # backups are off, but a stop writes one
+    with h5py.File(
+        run_dir / "backup" / "finetune" / "latest.weights.h5"
+    ) as f:  # backups are off, but a stop writes one
         assert f["optimizer/vars/0"][()] == 5
 
     assert main(["--run-dir", str(run_dir), *args]) == 0
@@ -122,7 +129,7 @@ def test_sigterm_mid_epoch_saves_a_backup_and_exits_143(mock_cifar, tmp_path, ca
 
 
 def test_a_signal_outside_the_steps_stops_at_once_and_a_second_exits_at_once():
-    with GracefulStop() as stop:
+    with GracefulStop():
         with pytest.raises(Preempted) as e:
             os.kill(os.getpid(), signal.SIGINT)
         assert e.value.exit_code == 130 and "SIGINT" in str(e.value)

@@ -9,8 +9,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import tiny_info, tiny_overrides
+
 from tlkeras.config import ModelConfig, load_config
 from tlkeras.data import make_datasets
 from tlkeras.evaluate import to_arrays
@@ -46,8 +46,9 @@ def trained():
     """A tiny trained classifier: random VGG16 base, head trained on 4 colour classes
     (test accuracy 1.0 in a few seconds), and 32 held-out images."""
     keras.utils.set_random_seed(0)
-    model = build_model(ModelConfig(weights=None, image_size=32, head_units=32, dropout=0.0),
-                        tiny_info(names=("a", "b", "c", "d")))  # fmt: skip
+    model = build_model(
+        ModelConfig(weights=None, image_size=32, head_units=32, dropout=0.0), tiny_info(names=("a", "b", "c", "d"))
+    )
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
     x, y = colour_images(256)
     model.fit(x, y, epochs=5, batch_size=32, verbose=0)
@@ -79,8 +80,9 @@ def test_attacks_stay_inside_the_epsilon_ball_and_the_pixel_range(trained, steps
     x[:, :4] = 0
     x[:, -4:] = 255  # pixels at both ends of the range: clipping must hold there
     for eps in (1.0, 8.0):
-        adv = attack(model, x, y, eps, steps=steps, step_size=eps if steps == 1 else None,
-                     random_start=random_start).numpy()  # fmt: skip
+        adv = attack(
+            model, x, y, eps, steps=steps, step_size=eps if steps == 1 else None, random_start=random_start
+        ).numpy()
         delta = adv - x.astype(np.float32)
         assert np.abs(delta).max() <= eps + 1e-4
         assert adv.min() >= 0.0 and adv.max() <= 255.0
@@ -125,10 +127,12 @@ def test_attacks_agree_with_adversarial_robustness_toolbox(trained):
 
     model, x, y = trained
     classifier = TensorFlowV2Classifier(
-        model=lambda pixels, training=False: pixel_logits(model, tf.cast(pixels, tf.float32)), nb_classes=4,
-        input_shape=(32, 32, 3), loss_object=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        model=lambda pixels, training=False: pixel_logits(model, tf.cast(pixels, tf.float32)),
+        nb_classes=4,
+        input_shape=(32, 32, 3),
+        loss_object=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         clip_values=(0.0, 255.0),
-    )  # fmt: skip
+    )
     del art
     xf = x.astype(np.float32)
     fgsm_art = FastGradientMethod(classifier, eps=4.0, batch_size=32).generate(xf, y)
@@ -136,8 +140,9 @@ def test_attacks_agree_with_adversarial_robustness_toolbox(trained):
     assert np.mean(np.abs(fgsm_art - fgsm_ours) < 1e-3) > 0.99
 
     eps, n = 8.0, len(y)
-    pgd = ProjectedGradientDescent(classifier, eps=eps, eps_step=2.5 * eps / 10, max_iter=10,
-                                   num_random_init=1, batch_size=32, verbose=False)  # fmt: skip
+    pgd = ProjectedGradientDescent(
+        classifier, eps=eps, eps_step=2.5 * eps / 10, max_iter=10, num_random_init=1, batch_size=32, verbose=False
+    )
     theirs = float((classifier.predict(pgd.generate(xf, y)).argmax(1) == y).mean())
     ours = robust_accuracy(model, x, y, eps)
     p = (theirs + ours) / 2
@@ -147,10 +152,18 @@ def test_attacks_agree_with_adversarial_robustness_toolbox(trained):
 
 @pytest.mark.parametrize("strategy", ["default", "mirrored"])
 def test_adversarial_finetuning_trains_picks_the_robust_epoch_and_ships_it(mock_cifar, tmp_path, strategy):
-    cfg = load_config(None, tiny_overrides(**{
-        "runtime.strategy": strategy, "finetune.epochs": "2", "finetune.adversarial": "true",
-        "finetune.robust_check_images": "8", "evaluate.enabled": "false",
-    }))  # fmt: skip
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            **{
+                "runtime.strategy": strategy,
+                "finetune.epochs": "2",
+                "finetune.adversarial": "true",
+                "finetune.robust_check_images": "8",
+                "evaluate.enabled": "false",
+            }
+        ),
+    )
     summary = train_and_evaluate(cfg, tmp_path)
     ft = summary["phases"]["finetune"]
     assert summary["final_phase"] == "finetune"
@@ -167,10 +180,18 @@ def test_adversarial_finetuning_trains_picks_the_robust_epoch_and_ships_it(mock_
 
 
 def test_adversarial_finetuning_resumes_after_a_crash(mock_cifar, tmp_path):
-    cfg = load_config(None, tiny_overrides(**{
-        "head.epochs": "1", "finetune.epochs": "2", "finetune.adversarial": "true",
-        "finetune.robust_check_images": "8", "evaluate.enabled": "false",
-    }))  # fmt: skip
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            **{
+                "head.epochs": "1",
+                "finetune.epochs": "2",
+                "finetune.adversarial": "true",
+                "finetune.robust_check_images": "8",
+                "evaluate.enabled": "false",
+            }
+        ),
+    )
 
     class Crash(Exception):
         pass
@@ -198,14 +219,29 @@ def test_real_adversarial_finetuning_beats_the_standard_model_under_attack(asset
     there, about half that on a quiet machine. (At 4/255 the clean accuracy fell to 0.29.)"""
     robust, images, labels = {}, None, None
     for adversarial in ("false", "true"):
-        cfg = load_config(None, [
-            f"model.weights={assets.weights}", f"data.data_dir={assets.tfds_dir}", "data.download=false",
-            "model.image_size=32", "data.train_split=train[:1000]", "data.val_split=train[45000:45200]",
-            "data.test_split=test[:100]", "data.batch_size=50", "head.epochs=3", "finetune.epochs=4",
-            "finetune.learning_rate=5e-4", "finetune.warmup_epochs=0", "finetune.unfreeze=block5",
-            "export.enabled=false", "evaluate.enabled=false", f"finetune.adversarial={adversarial}",
-            "finetune.epsilon=2", "finetune.robust_check_images=50",
-        ])  # fmt: skip
+        cfg = load_config(
+            None,
+            [
+                f"model.weights={assets.weights}",
+                f"data.data_dir={assets.tfds_dir}",
+                "data.download=false",
+                "model.image_size=32",
+                "data.train_split=train[:1000]",
+                "data.val_split=train[45000:45200]",
+                "data.test_split=test[:100]",
+                "data.batch_size=50",
+                "head.epochs=3",
+                "finetune.epochs=4",
+                "finetune.learning_rate=5e-4",
+                "finetune.warmup_epochs=0",
+                "finetune.unfreeze=block5",
+                "export.enabled=false",
+                "evaluate.enabled=false",
+                f"finetune.adversarial={adversarial}",
+                "finetune.epsilon=2",
+                "finetune.robust_check_images=50",
+            ],
+        )
         summary = train_and_evaluate(cfg, tmp_path / adversarial)
         model = keras.models.load_model(tmp_path / adversarial / "model.keras")
         if images is None:

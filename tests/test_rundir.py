@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_overrides
+
 from tlkeras import rundir
 from tlkeras.config import load_config
 from tlkeras.errors import UserError
@@ -18,7 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_a_second_writer_is_refused_with_the_holder_named(tmp_path):
     with rundir.locked(tmp_path):
-        with pytest.raises(UserError, match=rf"run folder '{tmp_path}' is in use by another tlkeras process \(pid {os.getpid()} on "):
+        with pytest.raises(
+            UserError, match=rf"run folder '{tmp_path}' is in use by another tlkeras process \(pid {os.getpid()} on "
+        ):
             with rundir.locked(tmp_path):
                 pass
     with rundir.locked(tmp_path):  # released at the end of the block
@@ -27,10 +29,17 @@ def test_a_second_writer_is_refused_with_the_holder_named(tmp_path):
 
 def test_the_lock_of_a_killed_process_is_taken_over(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from tlkeras import rundir\n"
-         "with rundir.locked(Path(sys.argv[1])):\n print('held', flush=True); time.sleep(60)", str(tmp_path)],
-        cwd=REPO, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from tlkeras import rundir\n"
+            "with rundir.locked(Path(sys.argv[1])):\n print('held', flush=True); time.sleep(60)",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(UserError, match=f"pid {holder.pid} "):
         with rundir.locked(tmp_path):
@@ -52,10 +61,9 @@ def test_train_into_a_folder_in_use_is_refused_at_once(mock_cifar, tmp_path):
 
 
 def test_export_into_a_base_in_use_is_refused(tmp_path):
-    from tlkeras.export import export_run
-
     from tlkeras.config import dump_yaml
     from tlkeras.data import DatasetInfo
+    from tlkeras.export import export_run
 
     run = tmp_path / "run"
     run.mkdir()

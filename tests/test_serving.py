@@ -4,9 +4,9 @@ the real tensorflow_model_server cannot be installed on this machine)."""
 import numpy as np
 import pytest
 import tensorflow as tf
-
 from conftest import CIFAR_NAMES
 from tf_serving_standin import StandIn
+
 from tlkeras import predict as P
 from tlkeras.errors import UserError
 from tlkeras.serving import input_size_grpc, input_size_rest, predict_grpc, predict_rest, rest_request
@@ -75,8 +75,12 @@ def test_every_cli_backend_gives_the_same_answer(servers, tiny_export, tmp_path,
     path = tmp_path / "x.png"
     path.write_bytes(tf.io.encode_png(IMAGES[0]).numpy())
     outputs = []
-    for model, backend in [(str(base / "tlkeras"), "savedmodel"), (record["onnx"], "onnx"),
-                           (servers["rest"], "rest"), (servers["grpc"] + "/tlkeras", "grpc")]:
+    for model, backend in [
+        (str(base / "tlkeras"), "savedmodel"),
+        (record["onnx"], "onnx"),
+        (servers["rest"], "rest"),
+        (servers["grpc"] + "/tlkeras", "grpc"),
+    ]:
         assert P.main([str(path), "--model", model, "--backend", backend]) == 0
         outputs.append(capsys.readouterr().out)
     assert len(set(outputs)) == 1, outputs

@@ -12,16 +12,15 @@ from unittest import mock
 
 import keras
 import pytest
-
 from conftest import free_port, make_image_folder, tiny_info, tiny_overrides
+
 from tlkeras import rundir
 from tlkeras.config import dump_yaml, load_config
-from tlkeras.errors import UserError
 from tlkeras.data import make_datasets
+from tlkeras.errors import UserError
 from tlkeras.model import build_model
 from tlkeras.train import main
 from tlkeras.training import train_and_evaluate
-
 
 MOCK_TRAIN = Path(__file__).with_name("mock_train.py")
 
@@ -47,9 +46,15 @@ def test_both_phases_leave_a_complete_run_folder(mock_cifar, tmp_path, strategy,
     assert head["images_per_second"] > 0 and ft["first_epoch"] == 2
     assert len(summary["per_class_test_accuracy"]) == 10
     assert sum(map(sum, summary["confusion_matrix"])) == 24
-    for name in ("config.yaml", "environment.json", "train.log", "confusion_matrix.png",
-                 "model.keras", "checkpoints/head_best.weights.h5",
-                 "checkpoints/finetune_best.weights.h5"):
+    for name in (
+        "config.yaml",
+        "environment.json",
+        "train.log",
+        "confusion_matrix.png",
+        "model.keras",
+        "checkpoints/head_best.weights.h5",
+        "checkpoints/finetune_best.weights.h5",
+    ):
         assert (run / name).is_file(), name
     assert (run / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert any((run / "tensorboard").rglob("*tfevents*"))
@@ -75,9 +80,17 @@ def test_phase1_computes_the_frozen_features_once(mock_cifar, tmp_path, mirrored
         calls.append(flip)
         return real(extractor, images, flip)
 
-    cfg = load_config(None, tiny_overrides(**{"head.epochs": "3", "finetune.epochs": "0",
-                                              "head.mirrored_features": mirrored,
-                                              "runtime.mixed_precision": "float32"}))  # fmt: skip
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            **{
+                "head.epochs": "3",
+                "finetune.epochs": "0",
+                "head.mirrored_features": mirrored,
+                "runtime.mixed_precision": "float32",
+            }
+        ),
+    )
     with mock.patch.object(training, "compute_features", counting):
         summary = train_and_evaluate(cfg, tmp_path)
     assert calls == expected  # train (+ mirrored train) and val, once for all 3 epochs
@@ -141,6 +154,7 @@ def test_resume_after_crash_does_not_redo_finished_epochs(mock_cifar, tmp_path):
             seen.append(epoch)
             if epoch == epoch_to_crash:
                 raise Crash
+
         return on_epoch_begin
 
     # Crash as phase 2's second epoch begins: head done, finetune epoch 2 done.
@@ -200,8 +214,9 @@ def test_cli_errors_are_one_line_with_exit_code(tmp_path, capsys):
     assert err == "error: unknown config key 'data.batchsize'; did you mean 'data.batch_size'?"
     assert not (tmp_path / "r").exists()  # nothing written for a bad config
 
-    code = main(["--set", "data.download=false", "--set", f"data.data_dir={tmp_path}",
-                 "--run-dir", str(tmp_path / "r2")])
+    code = main(
+        ["--set", "data.download=false", "--set", f"data.data_dir={tmp_path}", "--run-dir", str(tmp_path / "r2")]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "tfds dataset 'cifar10' not found" in err[0]
 
@@ -210,8 +225,14 @@ def test_a_folder_of_photos_trains_exports_and_answers_with_its_names(tmp_path, 
     from tlkeras import predict
 
     root = make_image_folder(tmp_path / "photos", {"ants": 14, "bees": 6, "wasps": 10}, size=(50, 36), fmt="JPEG")
-    overrides = {"data.dataset": str(root), "data.image_size": "32", "export.enabled": "true",
-                 "data.class_weight": "true", "data.val_fraction": "0.2", "data.test_fraction": "0.2"}
+    overrides = {
+        "data.dataset": str(root),
+        "data.image_size": "32",
+        "export.enabled": "true",
+        "data.class_weight": "true",
+        "data.val_fraction": "0.2",
+        "data.test_fraction": "0.2",
+    }
     cfg = load_config(None, tiny_overrides(**overrides))
     fits = []
     real_fit = keras.Model.fit
@@ -235,17 +256,30 @@ def test_a_folder_of_photos_trains_exports_and_answers_with_its_names(tmp_path, 
     capsys.readouterr()  # training's progress lines
     assert predict.main([photo, "--model", str(tmp_path / "run" / "export" / "tlkeras")]) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith(photo + ": ") and {n.split()[0] for n in line.split(": ")[1].split(", ")} == {"ants", "bees", "wasps"}
+    assert line.startswith(photo + ": ") and {n.split()[0] for n in line.split(": ")[1].split(", ")} == {
+        "ants",
+        "bees",
+        "wasps",
+    }
 
 
 @pytest.mark.real
 def test_real_hymenoptera_folder_phase1_learns_ants_from_bees(hymenoptera, tmp_path):
     """VGG16 features at 96x96, head only: 0.876 on val/ here, 0.575 with random weights."""
-    cfg = load_config(None, [
-        f"model.weights={hymenoptera.weights}", f"data.dataset={hymenoptera.folder}",
-        "data.image_size=96", "model.image_size=96", "data.batch_size=32", "head.epochs=5",
-        "finetune.epochs=0", "export.enabled=false", "evaluate.enabled=false",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"model.weights={hymenoptera.weights}",
+            f"data.dataset={hymenoptera.folder}",
+            "data.image_size=96",
+            "model.image_size=96",
+            "data.batch_size=32",
+            "head.epochs=5",
+            "finetune.epochs=0",
+            "export.enabled=false",
+            "evaluate.enabled=false",
+        ],
+    )
     summary = train_and_evaluate(cfg, tmp_path)
     assert summary["class_names"] == ["ants", "bees"]
     assert summary["test_examples"] == 153  # all of val/, never the split that chose the epoch
@@ -255,12 +289,22 @@ def test_real_hymenoptera_folder_phase1_learns_ants_from_bees(hymenoptera, tmp_p
 @pytest.mark.real
 def test_real_weights_and_data_phase1_beats_chance_by_far(assets, tmp_path):
     """ImageNet features at 32x32 give ~0.6 here; random weights ~0.3. Threshold 0.50."""
-    cfg = load_config(None, [
-        f"model.weights={assets.weights}", f"data.data_dir={assets.tfds_dir}",
-        "data.download=false", "model.image_size=32", "data.train_split=train[:5000]",
-        "data.val_split=train[45000:46000]", "data.test_split=test[:2000]",
-        "data.batch_size=64", "head.epochs=2", "finetune.epochs=0", "evaluate.enabled=false",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            f"model.weights={assets.weights}",
+            f"data.data_dir={assets.tfds_dir}",
+            "data.download=false",
+            "model.image_size=32",
+            "data.train_split=train[:5000]",
+            "data.val_split=train[45000:46000]",
+            "data.test_split=test[:2000]",
+            "data.batch_size=64",
+            "head.epochs=2",
+            "finetune.epochs=0",
+            "evaluate.enabled=false",
+        ],
+    )
     summary = train_and_evaluate(cfg, tmp_path)
     assert summary["test_examples"] == 2000
     assert summary["test_accuracy"] >= 0.50, summary["test_accuracy"]
@@ -286,19 +330,27 @@ def test_multi_worker_two_processes_agree_and_only_the_chief_writes(tmp_path):
     """Two real worker processes on 127.0.0.1 under MultiWorkerMirroredStrategy."""
     run = tmp_path / "run"
     cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
-    args = [a for kv in tiny_overrides(**{"runtime.strategy": "auto", "export.enabled": "true",
-                                          "runtime.mixed_precision": "float32"})
-            for a in ("--set", kv)]  # fmt: skip
+    args = [
+        a
+        for kv in tiny_overrides(
+            **{"runtime.strategy": "auto", "export.enabled": "true", "runtime.mixed_precision": "float32"}
+        )
+        for a in ("--set", kv)
+    ]
     temp_before = set(Path(tempfile.gettempdir()).glob("tlkeras-worker-*"))
     procs, logs = [], [tmp_path / "worker0.log", tmp_path / "worker1.log"]
     for index in range(2):
         task = {"cluster": cluster, "task": {"type": "worker", "index": index}}
         env = {**os.environ, "TF_CONFIG": json.dumps(task), "TF_CPP_MIN_LOG_LEVEL": "2"}
         with logs[index].open("w") as out:  # files, not pipes: lockstepped workers never block
-            procs.append(subprocess.Popen(
-                [sys.executable, str(MOCK_TRAIN), "--run-dir", str(run), *args],
-                env=env, stdout=out, stderr=subprocess.STDOUT,
-            ))  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(MOCK_TRAIN), "--run-dir", str(run), *args],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
     codes = [p.wait(timeout=400) for p in procs]
     outs = [log.read_text() for log in logs]
     assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
@@ -320,12 +372,21 @@ def test_a_worker_whose_peer_never_comes_says_so_and_exits(tmp_path):
     import time
 
     cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(2)]}
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(Path(__file__).parents[1]),
-           "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}})}  # fmt: skip
+    env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+        "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}),
+    }
     args = [a for kv in tiny_overrides(**{"runtime.peer_timeout_s": "3"}) for a in ("--set", kv)]
     start = time.monotonic()
-    done = subprocess.run([sys.executable, str(MOCK_TRAIN), "--run-dir", str(tmp_path / "run"), *args],
-                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(MOCK_TRAIN), "--run-dir", str(tmp_path / "run"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1, done.stderr[-2000:]
     assert "waiting for the other workers" in done.stderr and cluster["worker"][1] in done.stderr
     assert time.monotonic() - start < 60
@@ -348,8 +409,7 @@ def test_mirrored_step_equals_default_step_at_the_same_global_batch():
     keras.utils.set_random_seed(0)
     initial = build_model(cfg, tiny_info()).get_weights()
     results = []
-    for strategy in (tf.distribute.get_strategy(),
-                     tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])):  # fmt: skip
+    for strategy in (tf.distribute.get_strategy(), tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])):
         with strategy.scope():
             model = build_model(cfg, tiny_info())
             model.set_weights(initial)
@@ -402,21 +462,50 @@ def test_sigkill_mid_epoch_in_both_phases_then_resume(assets, tmp_path):
     import signal
 
     args = [
-        "--set", f"model.weights={assets.weights}", "--set", f"data.data_dir={assets.tfds_dir}",
-        "--set", "data.download=false", "--set", "model.image_size=32",
-        "--set", "data.train_split=train[:600]", "--set", "data.val_split=train[45000:45300]",
-        "--set", "data.test_split=test[:600]", "--set", "data.batch_size=50",
-        "--set", "head.epochs=2", "--set", "finetune.epochs=2", "--set", "finetune.unfreeze=block5",
-        "--set", "data.augment=true", "--set", "head.mirrored_features=true",
-        "--set", "finetune.learning_rate=1e-4", "--set", "export.enabled=false", "--set", "evaluate.enabled=false",
-    ]  # fmt: skip
+        "--set",
+        f"model.weights={assets.weights}",
+        "--set",
+        f"data.data_dir={assets.tfds_dir}",
+        "--set",
+        "data.download=false",
+        "--set",
+        "model.image_size=32",
+        "--set",
+        "data.train_split=train[:600]",
+        "--set",
+        "data.val_split=train[45000:45300]",
+        "--set",
+        "data.test_split=test[:600]",
+        "--set",
+        "data.batch_size=50",
+        "--set",
+        "head.epochs=2",
+        "--set",
+        "finetune.epochs=2",
+        "--set",
+        "finetune.unfreeze=block5",
+        "--set",
+        "data.augment=true",
+        "--set",
+        "head.mirrored_features=true",
+        "--set",
+        "finetune.learning_rate=1e-4",
+        "--set",
+        "export.enabled=false",
+        "--set",
+        "evaluate.enabled=false",
+    ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
     def start(run):
         run.mkdir(exist_ok=True)
         with (run.parent / f"{run.name}.out").open("a") as out:
-            return subprocess.Popen([sys.executable, "-m", "tlkeras.train", "--run-dir", str(run), *args],
-                                    env=env, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+            return subprocess.Popen(
+                [sys.executable, "-m", "tlkeras.train", "--run-dir", str(run), *args],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
 
     def output(run):
         return (run.parent / f"{run.name}.out").read_text()[-3000:]
@@ -445,7 +534,10 @@ def test_sigkill_mid_epoch_in_both_phases_then_resume(assets, tmp_path):
     killed = json.loads((run / "summary.json").read_text())
     reference = json.loads((tmp_path / "clean" / "summary.json").read_text())
     assert killed["resumed"] is True
-    assert abs(killed["test_accuracy"] - reference["test_accuracy"]) <= 0.06, (killed["test_accuracy"], reference["test_accuracy"])
+    assert abs(killed["test_accuracy"] - reference["test_accuracy"]) <= 0.06, (
+        killed["test_accuracy"],
+        reference["test_accuracy"],
+    )
     assert killed["test_accuracy"] > 0.4
 
 
@@ -470,8 +562,9 @@ def test_a_tied_epoch_replaces_the_checkpoint(tmp_path):
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     path = tmp_path / "best.weights.h5"
-    ckpt = WholeModelCheckpoint(model, str(path), monitor="val_accuracy", mode="max",
-                                save_best_only=True, save_weights_only=True)  # fmt: skip
+    ckpt = WholeModelCheckpoint(
+        model, str(path), monitor="val_accuracy", mode="max", save_best_only=True, save_weights_only=True
+    )
     ckpt.set_model(model)
     ckpt.on_epoch_end(0, {"val_accuracy": 0.5})
     first = path.read_bytes()
@@ -490,14 +583,24 @@ def test_a_tied_epoch_replaces_the_checkpoint(tmp_path):
 # Mirrored + MobileNetV2 passes on its own, but in a long pytest process TF's collective
 # instance keys can collide with an earlier test's MirroredStrategy (a shape-mismatch abort
 # in CollectiveReduceV2): the mirrored path is covered by the VGG16 and adversarial tests.
-@pytest.mark.parametrize("strategy, precision, export",
-                         [("default", "float32", "true"), ("default", "mixed_bfloat16", "false")])  # fmt: skip
-def test_mobilenet_v2_runs_both_phases_and_exports_behind_the_parity_gate(mock_cifar, tmp_path, strategy,
-                                                                          precision, export):  # fmt: skip
-    cfg = load_config(None, tiny_overrides(**{
-        "model.backbone": "mobilenet_v2", "finetune.unfreeze": "block_16", "export.enabled": export,
-        "runtime.mixed_precision": precision, "runtime.strategy": strategy,
-    }))  # fmt: skip
+@pytest.mark.parametrize(
+    "strategy, precision, export", [("default", "float32", "true"), ("default", "mixed_bfloat16", "false")]
+)
+def test_mobilenet_v2_runs_both_phases_and_exports_behind_the_parity_gate(
+    mock_cifar, tmp_path, strategy, precision, export
+):
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            **{
+                "model.backbone": "mobilenet_v2",
+                "finetune.unfreeze": "block_16",
+                "export.enabled": export,
+                "runtime.mixed_precision": precision,
+                "runtime.strategy": strategy,
+            }
+        ),
+    )
     summary = train_and_evaluate(cfg, tmp_path)
     head, ft = summary["phases"]["head"], summary["phases"]["finetune"]
     assert ft["trainable_parameters"] > head["trainable_parameters"]
@@ -540,7 +643,9 @@ def test_a_run_that_stops_on_bad_data_says_why_in_its_log(tmp_path):
 
 
 def test_the_default_run_folder_is_named_after_the_base_and_the_data(tmp_path):
-    cfg = load_config(None, ["model.backbone=mobilenet_v2", "finetune.unfreeze=all", f"data.dataset={tmp_path}/my photos"])
+    cfg = load_config(
+        None, ["model.backbone=mobilenet_v2", "finetune.unfreeze=all", f"data.dataset={tmp_path}/my photos"]
+    )
     assert rundir.default_run_dir(cfg).name.endswith("-mobilenet_v2-my photos")
     assert rundir.default_run_dir(load_config(None)).name.endswith("-vgg16-cifar10")
     assert rundir.default_run_dir(load_config(None, ["name=exp1"])).name.endswith("-exp1")

@@ -69,7 +69,7 @@ class StandIn:
             return 404, {"error": f"Servable not found for request: Latest({name})"}
         signature = body.get("signature_name", "serving_default")
         if signature not in self.signatures:
-            return 400, {"error": f"Serving signature name: \"{signature}\" not found"}
+            return 400, {"error": f'Serving signature name: "{signature}" not found'}
         (input_name,) = self.signatures[signature].structured_input_signature[1]
         if "instances" in body:
             rows = [r[input_name] if isinstance(r, dict) else r for r in body["instances"]]
@@ -102,8 +102,9 @@ class StandIn:
                 match = PATH.match(self.path)
                 try:
                     body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                    code, answer = (standin.rest_predict(match["name"], body) if match
-                                    else (404, {"error": "Malformed request"}))  # fmt: skip
+                    code, answer = (
+                        standin.rest_predict(match["name"], body) if match else (404, {"error": "Malformed request"})
+                    )
                 except (ValueError, KeyError, tf.errors.OpError) as e:
                     code, answer = 400, {"error": str(e)[:300]}
                 self._answer(code, answer)
@@ -130,8 +131,9 @@ class StandIn:
         class Servicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             def Predict(self, request, context):
                 if request.model_spec.name != standin.name:
-                    context.abort(grpc.StatusCode.NOT_FOUND,
-                                  f"Servable not found for request: Latest({request.model_spec.name})")  # fmt: skip
+                    context.abort(
+                        grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({request.model_spec.name})"
+                    )
                 signature = request.model_spec.signature_name or "serving_default"
                 inputs = {k: tf.make_ndarray(v).tolist() for k, v in request.inputs.items()}
                 try:
@@ -147,8 +149,9 @@ class StandIn:
 
             def GetModelMetadata(self, request, context):
                 if request.model_spec.name != standin.name:
-                    context.abort(grpc.StatusCode.NOT_FOUND,
-                                  f"Servable not found for request: Latest({request.model_spec.name})")  # fmt: skip
+                    context.abort(
+                        grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({request.model_spec.name})"
+                    )
                 response = get_model_metadata_pb2.GetModelMetadataResponse()
                 response.model_spec.name = standin.name
                 response.metadata["signature_def"].Pack(standin.signature_defs)

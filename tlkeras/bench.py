@@ -33,8 +33,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -66,9 +67,13 @@ def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> floa
 
 def figure(metric: str, unit: str, ours: float, baseline: float, **config) -> dict[str, Any]:
     return {
-        "metric": metric, "unit": unit, "ours": round(ours, 4), "baseline": round(baseline, 4),
-        "ratio": round(ours / baseline, 3), "config": {**config, "machine": machine()},
-    }  # fmt: skip
+        "metric": metric,
+        "unit": unit,
+        "ours": round(ours, 4),
+        "baseline": round(baseline, 4),
+        "ratio": round(ours / baseline, 3),
+        "config": {**config, "machine": machine()},
+    }
 
 
 def bench_inference(savedmodel: Path, onnx_path: Path, quick: bool, mcfg) -> list[dict[str, Any]]:
@@ -84,23 +89,37 @@ def bench_inference(savedmodel: Path, onnx_path: Path, quick: bool, mcfg) -> lis
         x = rng.integers(0, 256, (batch, 32, 32, 3), dtype=np.uint8)
         repeats = (20 if quick else 100) if batch == 1 else (5 if quick else 20)
         tf_x = tf.constant(x)
-        base = median_seconds(lambda: serve(images=tf_x)["probabilities"].numpy(), repeats)
-        ours = median_seconds(lambda: session.run(["probabilities"], {"images": x}), repeats)
-        out.append(figure(
-            f"inference_latency_batch{batch}", "ms", ours * 1e3, base * 1e3,
-            ours_setup="onnxruntime float32 (CPUExecutionProvider)",
-            baseline_setup="TF SavedModel serving_default (eager signature call)",
-            batch=batch, repeats=repeats, statistic="median",
-        ))  # fmt: skip
+        base = median_seconds(lambda tf_x=tf_x: serve(images=tf_x)["probabilities"].numpy(), repeats)
+        ours = median_seconds(lambda x=x: session.run(["probabilities"], {"images": x}), repeats)
+        out.append(
+            figure(
+                f"inference_latency_batch{batch}",
+                "ms",
+                ours * 1e3,
+                base * 1e3,
+                ours_setup="onnxruntime float32 (CPUExecutionProvider)",
+                baseline_setup="TF SavedModel serving_default (eager signature call)",
+                batch=batch,
+                repeats=repeats,
+                statistic="median",
+            )
+        )
         if batch == 1:
             flops = 2 * conv_macs(_model("float32", mcfg))[0] / ours
             peak = matmul_peak("float32")
-            out.append(figure(
-                "onnx_batch1_flops_fraction_of_float32_peak", "fraction", flops / peak, 1.0,
-                achieved_gflops=round(flops / 1e9, 1), peak_gflops=round(peak / 1e9, 1),
-                backbone=mcfg.backbone, image_size=mcfg.image_size,
-                note="baseline 1.0 is the measured float32 matmul peak",
-            ))  # fmt: skip
+            out.append(
+                figure(
+                    "onnx_batch1_flops_fraction_of_float32_peak",
+                    "fraction",
+                    flops / peak,
+                    1.0,
+                    achieved_gflops=round(flops / 1e9, 1),
+                    peak_gflops=round(peak / 1e9, 1),
+                    backbone=mcfg.backbone,
+                    image_size=mcfg.image_size,
+                    note="baseline 1.0 is the measured float32 matmul peak",
+                )
+            )
     return out
 
 
@@ -124,9 +143,14 @@ def quantize_int8(onnx_path: Path, out: Path, calibration: np.ndarray) -> None:
             return None if batch is None else {"images": batch}
 
     q.quantize_static(
-        str(prepared), str(out), Reader(), quant_format=q.QuantFormat.QDQ,
-        activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8, per_channel=True,
-    )  # fmt: skip
+        str(prepared),
+        str(out),
+        Reader(),
+        quant_format=q.QuantFormat.QDQ,
+        activation_type=q.QuantType.QUInt8,
+        weight_type=q.QuantType.QInt8,
+        per_channel=True,
+    )
 
 
 def bench_int8(onnx_path: Path, workdir: Path, quick: bool, data) -> list[dict[str, Any]]:
@@ -139,21 +163,40 @@ def bench_int8(onnx_path: Path, workdir: Path, quick: bool, data) -> list[dict[s
     for batch in (1, 64):
         x = images[:batch]
         repeats = (20 if quick else 100) if batch == 1 else (5 if quick else 20)
-        base = median_seconds(lambda: fp32.run(["probabilities"], {"images": x}), repeats)
-        ours = median_seconds(lambda: int8.run(["probabilities"], {"images": x}), repeats)
-        out.append(figure(f"int8_onnx_latency_batch{batch}", "ms", ours * 1e3, base * 1e3,
-                          ours_setup="onnxruntime int8 (static QDQ, per-channel)",
-                          baseline_setup="onnxruntime float32", batch=batch, repeats=repeats))  # fmt: skip
+        base = median_seconds(lambda x=x: fp32.run(["probabilities"], {"images": x}), repeats)
+        ours = median_seconds(lambda x=x: int8.run(["probabilities"], {"images": x}), repeats)
+        out.append(
+            figure(
+                f"int8_onnx_latency_batch{batch}",
+                "ms",
+                ours * 1e3,
+                base * 1e3,
+                ours_setup="onnxruntime int8 (static QDQ, per-channel)",
+                baseline_setup="onnxruntime float32",
+                batch=batch,
+                repeats=repeats,
+            )
+        )
     if labels is not None:
+
         def accuracy(session):
-            preds = np.concatenate([session.run(["classes"], {"images": images[i:i + 256]})[0]
-                                    for i in range(0, len(images), 256)])  # fmt: skip
+            preds = np.concatenate(
+                [session.run(["classes"], {"images": images[i : i + 256]})[0] for i in range(0, len(images), 256)]
+            )
             return float((preds == labels).mean())
 
         acc_int8, acc_fp32 = accuracy(int8), accuracy(fp32)
-        out.append(figure("int8_onnx_test_accuracy", "accuracy", acc_int8, acc_fp32,
-                          test_images=int(len(labels)), change_points=round(100 * (acc_int8 - acc_fp32), 2),
-                          calibration_images=int(len(calibration))))  # fmt: skip
+        out.append(
+            figure(
+                "int8_onnx_test_accuracy",
+                "accuracy",
+                acc_int8,
+                acc_fp32,
+                test_images=int(len(labels)),
+                change_points=round(100 * (acc_int8 - acc_fp32), 2),
+                calibration_images=int(len(calibration)),
+            )
+        )
     return out
 
 
@@ -182,8 +225,7 @@ def cifar10_info():
     """The benchmark's data: CIFAR-10's shape (names do not matter to a timing)."""
     from tlkeras.data import DatasetInfo
 
-    return DatasetInfo(name="cifar10", source="tfds", image_size=32,
-                       class_names=tuple(f"class_{i}" for i in range(10)))  # fmt: skip
+    return DatasetInfo(name="cifar10", source="tfds", image_size=32, class_names=tuple(f"class_{i}" for i in range(10)))
 
 
 def conv_macs(model, depthwise_only: bool = False) -> tuple[int, int, int]:
@@ -274,13 +316,29 @@ def bench_finetune(quick: bool, mcfg, unfreeze: str) -> list[dict[str, Any]]:
     peak = matmul_peak(compute)
     setup = dict(backbone=mcfg.backbone, unfreeze=unfreeze, image_size=mcfg.image_size, batch=64, steps=steps)
     return [
-        figure("finetune_images_per_second", "images/s", rates[ours_precision], rates["float32"],
-               ours_setup=ours_precision, baseline_setup="float32, no XLA (keras.io recipe)", **setup),
-        figure("finetune_flops_fraction_of_matmul_peak", "fraction", flops / peak, 1.0,
-               achieved_gflops=round(flops / 1e9, 1), peak_gflops=round(peak / 1e9, 1),
-               gflop_per_image=round(2 * macs / 1e9, 3), depthwise_share_of_macs=round(depthwise_share, 3),
-               peak_dtype=compute, note="baseline 1.0 is the measured matmul peak", **setup),
-    ]  # fmt: skip
+        figure(
+            "finetune_images_per_second",
+            "images/s",
+            rates[ours_precision],
+            rates["float32"],
+            ours_setup=ours_precision,
+            baseline_setup="float32, no XLA (keras.io recipe)",
+            **setup,
+        ),
+        figure(
+            "finetune_flops_fraction_of_matmul_peak",
+            "fraction",
+            flops / peak,
+            1.0,
+            achieved_gflops=round(flops / 1e9, 1),
+            peak_gflops=round(peak / 1e9, 1),
+            gflop_per_image=round(2 * macs / 1e9, 3),
+            depthwise_share_of_macs=round(depthwise_share, 3),
+            peak_dtype=compute,
+            note="baseline 1.0 is the measured matmul peak",
+            **setup,
+        ),
+    ]
 
 
 def bench_adversarial(quick: bool, cfg) -> list[dict[str, Any]]:
@@ -301,8 +359,11 @@ def bench_adversarial(quick: bool, cfg) -> list[dict[str, Any]]:
     for adversarial in (True, False):
         model = _model(precision, dataclasses.replace(cfg.model, weights=None))
         set_finetune_trainable(model, f.unfreeze)
-        trained = AdversarialFinetune(model, f.epsilon, f.step_size or FGSM_RS_STEP_FACTOR * f.epsilon) \
-            if adversarial else model
+        trained = (
+            AdversarialFinetune(model, f.epsilon, f.step_size or FGSM_RS_STEP_FACTOR * f.epsilon)
+            if adversarial
+            else model
+        )
         trained.compile(keras.optimizers.Adam(1e-5), "sparse_categorical_crossentropy", jit_compile=False)
         rates[adversarial] = finetune_images_per_second(trained, steps)
     rng = np.random.default_rng(0)
@@ -313,15 +374,36 @@ def bench_adversarial(quick: bool, cfg) -> list[dict[str, Any]]:
     start = time.perf_counter()
     guard(images, labels, f.epsilon)  # every image attacked: an upper bound
     guard_s = time.perf_counter() - start
-    setup = dict(backbone=cfg.model.backbone, unfreeze=f.unfreeze, image_size=cfg.model.image_size, batch=64,
-                 steps=steps, precision=precision, epsilon=f.epsilon)
-    return [figure("adversarial_finetune_images_per_second", "images/s", rates[True], rates[False],
-                   ours_setup="FGSM-RS (finetune.adversarial)", baseline_setup="standard fine-tuning",
-                   **setup),
-            figure("adversarial_guard_seconds_per_epoch", "s", guard_s, len(images) / rates[False],
-                   baseline_setup="standard fine-tuning of the same number of images",
-                   note=f"PGD-10 on {len(images)} val images after every epoch, all attacked: an upper bound "
-                        "(training attacks only those classified right)", **setup)]  # fmt: skip
+    setup = dict(
+        backbone=cfg.model.backbone,
+        unfreeze=f.unfreeze,
+        image_size=cfg.model.image_size,
+        batch=64,
+        steps=steps,
+        precision=precision,
+        epsilon=f.epsilon,
+    )
+    return [
+        figure(
+            "adversarial_finetune_images_per_second",
+            "images/s",
+            rates[True],
+            rates[False],
+            ours_setup="FGSM-RS (finetune.adversarial)",
+            baseline_setup="standard fine-tuning",
+            **setup,
+        ),
+        figure(
+            "adversarial_guard_seconds_per_epoch",
+            "s",
+            guard_s,
+            len(images) / rates[False],
+            baseline_setup="standard fine-tuning of the same number of images",
+            note=f"PGD-10 on {len(images)} val images after every epoch, all attacked: an upper bound "
+            "(training attacks only those classified right)",
+            **setup,
+        ),
+    ]
 
 
 def bench_depthwise(quick: bool) -> list[dict[str, Any]]:
@@ -342,13 +424,22 @@ def bench_depthwise(quick: bool) -> list[dict[str, Any]]:
     for name, layer, macs_per_output in (
         ("depthwise", keras.layers.DepthwiseConv2D(3, padding="same"), 9),
         ("pointwise", keras.layers.Conv2D(192, 1), 192),
-    ):  # fmt: skip
+    ):
         forward = tf.function(layer)
         seconds = median_seconds(lambda f=forward: f(x).numpy(), 5 if quick else 20)
         rates[name] = 2 * macs_per_output * x.shape.num_elements() / seconds
-    return [figure("depthwise_conv_gflops", "GFLOP/s", rates["depthwise"] / 1e9, rates["pointwise"] / 1e9,
-                   baseline_setup="1x1 convolution, 192 -> 192 channels", shape=[64, 16, 16, 192],
-                   flop_per_byte={"depthwise": 2.25, "pointwise": 48.0}, dtype="float32")]  # fmt: skip
+    return [
+        figure(
+            "depthwise_conv_gflops",
+            "GFLOP/s",
+            rates["depthwise"] / 1e9,
+            rates["pointwise"] / 1e9,
+            baseline_setup="1x1 convolution, 192 -> 192 channels",
+            shape=[64, 16, 16, 192],
+            flop_per_byte={"depthwise": 2.25, "pointwise": 48.0},
+            dtype="float32",
+        )
+    ]
 
 
 def bench_phase1(cfg, quick: bool) -> list[dict[str, Any]]:
@@ -375,8 +466,9 @@ def bench_phase1(cfg, quick: bool) -> list[dict[str, Any]]:
     data = dataclasses.replace(cfg.data, download=False, batch_size=64, train_split=train_split, val_split=val_split)
     head = dataclasses.replace(cfg.head, epochs=epochs, mirrored_features=True)
     runtime = dataclasses.replace(cfg.runtime, jit_compile=False, steps_per_execution=1)
-    cfg = dataclasses.replace(cfg, data=data, head=head, runtime=runtime,
-                              model=dataclasses.replace(cfg.model, image_size=image_size))  # fmt: skip
+    cfg = dataclasses.replace(
+        cfg, data=data, head=head, runtime=runtime, model=dataclasses.replace(cfg.model, image_size=image_size)
+    )
     splits = make_datasets(data, cfg.seed, image_size)
     shuffled = make_datasets(dataclasses.replace(data, augment=False), cfg.seed, image_size).train
 
@@ -406,19 +498,38 @@ def bench_phase1(cfg, quick: bool) -> list[dict[str, Any]]:
     base_s, base_acc = run("float32", cached=False)
     # Caching alone, without our precision: how the speed-up splits between the two.
     cached_fp32_s = run("float32", cached=True)[0] if ours_precision != "float32" else ours_s
-    setup = dict(backbone=cfg.model.backbone, epochs=epochs, image_size=image_size, train_images=splits.num_train,
-                 val_images=splits.num_val, batch=64, weights=str(cfg.model.weights))  # fmt: skip
+    setup = dict(
+        backbone=cfg.model.backbone,
+        epochs=epochs,
+        image_size=image_size,
+        train_images=splits.num_train,
+        val_images=splits.num_val,
+        batch=64,
+        weights=str(cfg.model.weights),
+    )
     views = "with mirrored copies" if data.augment else "no augmentation"
     return [
-        figure("phase1_wall_time", "s", ours_s, base_s, speedup=round(base_s / ours_s, 2),
-               cached_float32_s=round(cached_fp32_s, 1),
-               speedup_from_caching_alone=round(base_s / cached_fp32_s, 2),
-               ours_setup=f"features computed once ({ours_precision}, {views}), head fitted on them",
-               baseline_setup="keras.io transfer-learning guide: base recomputed every epoch, float32",
-               **setup),
-        figure("phase1_val_accuracy", "accuracy", ours_acc, base_acc,
-               note="final-epoch validation accuracy of the two runs above", **setup),
-    ]  # fmt: skip
+        figure(
+            "phase1_wall_time",
+            "s",
+            ours_s,
+            base_s,
+            speedup=round(base_s / ours_s, 2),
+            cached_float32_s=round(cached_fp32_s, 1),
+            speedup_from_caching_alone=round(base_s / cached_fp32_s, 2),
+            ours_setup=f"features computed once ({ours_precision}, {views}), head fitted on them",
+            baseline_setup="keras.io transfer-learning guide: base recomputed every epoch, float32",
+            **setup,
+        ),
+        figure(
+            "phase1_val_accuracy",
+            "accuracy",
+            ours_acc,
+            base_acc,
+            note="final-epoch validation accuracy of the two runs above",
+            **setup,
+        ),
+    ]
 
 
 def bench_pipeline(cfg, quick: bool):
@@ -444,9 +555,18 @@ def bench_pipeline(cfg, quick: bool):
     start = time.perf_counter()
     count = sum(int(x.shape[0]) for x, _ in splits.train)
     rate = count / (time.perf_counter() - start)
-    return [figure("input_pipeline_images_per_second", "images/s", rate, model_rate,
-                   baseline_setup="frozen-base forward images/s (the fastest consumer)", images=count,
-                   image_size=cfg.model.image_size, note="ratio > 1: the pipeline outpaces the model")]  # fmt: skip
+    return [
+        figure(
+            "input_pipeline_images_per_second",
+            "images/s",
+            rate,
+            model_rate,
+            baseline_setup="frozen-base forward images/s (the fastest consumer)",
+            images=count,
+            image_size=cfg.model.image_size,
+            note="ratio > 1: the pipeline outpaces the model",
+        )
+    ]
 
 
 def exported_model(run_dir: Path | None, workdir: Path, mcfg) -> tuple[Path, Path]:
@@ -508,13 +628,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m tlkeras.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats: a few minutes")
     parser.add_argument("--run-dir", type=Path, help="time this run's exported model")
-    parser.add_argument("--backbone", choices=("vgg16", "mobilenet_v2"),
-                        help="without --run-dir: the base of the fresh model (default vgg16)")
-    parser.add_argument("--image-size", type=image_size, metavar="PX",
-                        help="without --run-dir: the model's input size (default 32)")
-    parser.add_argument("--only", choices=FIGURES, action="append",
-                        help="only these figures (repeatable; default: all); phase1, pipeline and "
-                             "adversarial need --run-dir")  # fmt: skip
+    parser.add_argument(
+        "--backbone",
+        choices=("vgg16", "mobilenet_v2"),
+        help="without --run-dir: the base of the fresh model (default vgg16)",
+    )
+    parser.add_argument(
+        "--image-size", type=image_size, metavar="PX", help="without --run-dir: the model's input size (default 32)"
+    )
+    parser.add_argument(
+        "--only",
+        choices=FIGURES,
+        action="append",
+        help="only these figures (repeatable; default: all); phase1, pipeline and adversarial need --run-dir",
+    )
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     quiet_libraries(args.debug)  # before TensorFlow is imported
@@ -524,13 +651,18 @@ def main(argv: list[str] | None = None) -> int:
         from tlkeras.config import ModelConfig
 
         if args.run_dir and (args.backbone or args.image_size):
-            raise UserError("--backbone and --image-size describe a fresh model; with --run-dir "
-                            "the run's own are timed: drop them, or drop --run-dir")  # fmt: skip
+            raise UserError(
+                "--backbone and --image-size describe a fresh model; with --run-dir "
+                "the run's own are timed: drop them, or drop --run-dir"
+            )
         if not args.run_dir and wanted <= {"phase1", "pipeline", "adversarial"}:
             raise UserError(f"--only {' '.join(sorted(wanted))} needs --run-dir: a CIFAR-10 run to measure")
         cfg = run_config(args.run_dir)
-        mcfg = cfg.model if cfg else ModelConfig(backbone=args.backbone or "vgg16", weights=None,
-                                                 image_size=args.image_size or 32)  # fmt: skip
+        mcfg = (
+            cfg.model
+            if cfg
+            else ModelConfig(backbone=args.backbone or "vgg16", weights=None, image_size=args.image_size or 32)
+        )
         if "inference" in wanted:
             with tempfile.TemporaryDirectory() as tmp:
                 savedmodel, onnx_path = exported_model(args.run_dir, Path(tmp), mcfg)
@@ -539,8 +671,9 @@ def main(argv: list[str] | None = None) -> int:
             if mcfg.backbone == "mobilenet_v2":
                 emit(bench_depthwise(args.quick))
         if cfg is None:
-            print("phase 1, input-pipeline and adversarial figures need a CIFAR-10 run: pass --run-dir",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                "phase 1, input-pipeline and adversarial figures need a CIFAR-10 run: pass --run-dir", file=sys.stderr
+            )
             if "finetune" in wanted:
                 emit(bench_finetune(args.quick, mcfg, "all"))
             return

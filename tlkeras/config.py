@@ -164,13 +164,26 @@ CHOICES = {
     "runtime.mixed_precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
 }
 POSITIVE = (
-    "data.batch_size", "data.image_size", "data.shuffle_buffer", "model.image_size", "model.head_units",
-    "head.epochs", "head.learning_rate", "finetune.learning_rate",
-    "runtime.steps_per_execution", "runtime.peer_timeout_s", "finetune.epsilon", "finetune.step_size",
-    "finetune.robust_check_images", "evaluate.test_images", "evaluate.corruption_images",
-    "evaluate.adversarial_images", "evaluate.quick_test_images",
-    "evaluate.quick_corruption_images", "evaluate.quick_adversarial_images",
-)  # fmt: skip
+    "data.batch_size",
+    "data.image_size",
+    "data.shuffle_buffer",
+    "model.image_size",
+    "model.head_units",
+    "head.epochs",
+    "head.learning_rate",
+    "finetune.learning_rate",
+    "runtime.steps_per_execution",
+    "runtime.peer_timeout_s",
+    "finetune.epsilon",
+    "finetune.step_size",
+    "finetune.robust_check_images",
+    "evaluate.test_images",
+    "evaluate.corruption_images",
+    "evaluate.adversarial_images",
+    "evaluate.quick_test_images",
+    "evaluate.quick_corruption_images",
+    "evaluate.quick_adversarial_images",
+)
 NON_NEGATIVE = ("finetune.epochs", "finetune.warmup_epochs", "runtime.backup_minutes")
 
 
@@ -215,8 +228,11 @@ def validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"{key}={flat[key]} must be 0 or more")
-    if not (0 <= cfg.data.val_fraction < 1 and 0 <= cfg.data.test_fraction < 1
-            and cfg.data.val_fraction + cfg.data.test_fraction < 1):
+    if not (
+        0 <= cfg.data.val_fraction < 1
+        and 0 <= cfg.data.test_fraction < 1
+        and cfg.data.val_fraction + cfg.data.test_fraction < 1
+    ):
         raise ConfigError(
             f"data.val_fraction={cfg.data.val_fraction} and data.test_fraction="
             f"{cfg.data.test_fraction} must each be in [0, 1) and leave some training data"
@@ -230,7 +246,9 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.seed < 2**32:  # Keras's set_random_seed range
         raise ConfigError(f"seed={cfg.seed} must be between 0 and 2**32 - 1")
     if cfg.name is not None and (not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.name) or cfg.name in (".", "..")):
-        raise ConfigError(f"name={cfg.name!r} must be a plain folder name (letters, digits, '_', '-', '.'), e.g. photos-v1")
+        raise ConfigError(
+            f"name={cfg.name!r} must be a plain folder name (letters, digits, '_', '-', '.'), e.g. photos-v1"
+        )
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.export.name) or cfg.export.name in ("onnx", ".", ".."):
         raise ConfigError(
             f"export.name={cfg.export.name!r} must be a plain folder name (letters, digits, "
@@ -262,8 +280,10 @@ def preflight(cfg: Config, run_dir: Path) -> None:
             )
     folder = Path(cfg.data.dataset).expanduser()
     if is_folder(cfg.data.dataset) and not folder.is_dir():
-        raise UserError(f"data.dataset='{cfg.data.dataset}': no such folder ({folder.resolve()}); give a "
-                        f"folder of class subfolders (<root>/<class>/<image>) or a tfds dataset name")  # fmt: skip
+        raise UserError(
+            f"data.dataset='{cfg.data.dataset}': no such folder ({folder.resolve()}); give a "
+            f"folder of class subfolders (<root>/<class>/<image>) or a tfds dataset name"
+        )
     if cfg.data.data_dir and not cfg.data.download and not Path(cfg.data.data_dir).expanduser().is_dir():
         raise UserError(
             f"data.data_dir='{cfg.data.data_dir}': no such folder (and data.download=false); give "
@@ -278,13 +298,16 @@ def preflight(cfg: Config, run_dir: Path) -> None:
 
         problem = tf_config_problem(os.environ["TF_CONFIG"])
         if problem:
-            raise UserError(f"the TF_CONFIG environment variable {problem}; fix it, or unset it to train on one machine")
+            raise UserError(
+                f"the TF_CONFIG environment variable {problem}; fix it, or unset it to train on one machine"
+            )
     if not _chief_by_tf_config():  # other workers only read the run folder
         return
     existing = next(p for p in (run_dir.resolve(), *run_dir.resolve().parents) if p.exists())
     if not os.access(existing, os.W_OK) or (existing == run_dir.resolve() and not existing.is_dir()):
-        raise UserError(f"run folder '{run_dir}' is not writable ('{existing}' is not a writable "
-                        f"folder); pass a writable --run-dir")  # fmt: skip
+        raise UserError(
+            f"run folder '{run_dir}' is not writable ('{existing}' is not a writable folder); pass a writable --run-dir"
+        )
 
 
 def _chief_by_tf_config() -> bool:

@@ -20,8 +20,8 @@ import logging
 import os
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -67,15 +67,23 @@ class DatasetInfo:
         return len(self.class_names)
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "class_names": list(self.class_names),
-                "train_class_counts": list(self.train_class_counts)}  # fmt: skip
+        return {
+            **dataclasses.asdict(self),
+            "class_names": list(self.class_names),
+            "train_class_counts": list(self.train_class_counts),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> DatasetInfo:
         names = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in names}
-        return cls(**{**d, "class_names": tuple(d["class_names"]),
-                      "train_class_counts": tuple(d.get("train_class_counts", ()))})  # fmt: skip
+        return cls(
+            **{
+                **d,
+                "class_names": tuple(d["class_names"]),
+                "train_class_counts": tuple(d.get("train_class_counts", ())),
+            }
+        )
 
 
 @dataclass
@@ -113,8 +121,7 @@ def load_split(cfg: DataConfig, split: str, key: str) -> tf.data.Dataset:
     name = cfg.dataset
     try:
         tfds.core.ReadInstruction.from_spec(split)  # syntax only; names are checked on load
-        return tfds.load(name, split=split, data_dir=cfg.data_dir, download=cfg.download,
-                         shuffle_files=False)  # fmt: skip
+        return tfds.load(name, split=split, data_dir=cfg.data_dir, download=cfg.download, shuffle_files=False)
     except AssertionError as e:  # tfds's way of saying the data is not there
         if "could not find data" not in str(e):
             raise
@@ -152,6 +159,7 @@ def _tfds_builder(cfg: DataConfig):
 
 def _feature_keys(cfg: DataConfig, features) -> tuple[str, str]:
     """The image feature and the ClassLabel label of a tfds dataset (prefers 'image', 'label')."""
+
     def find(kind, preferred):
         keys = [k for k, f in features.items() if isinstance(f, kind)]
         return preferred if preferred in keys else (keys[0] if keys else None)
@@ -185,8 +193,7 @@ def _tfds_source(cfg: DataConfig, model_size: int):
     explicit = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}
     specs = dict(explicit)
     if None in explicit.values():
-        specs = auto_tfds_splits(_tfds_split_names(cfg, builder), explicit,
-                                 cfg.val_fraction, cfg.test_fraction)  # fmt: skip
+        specs = auto_tfds_splits(_tfds_split_names(cfg, builder), explicit, cfg.val_fraction, cfg.test_fraction)
 
     def to_pairs(example):
         image = example[image_key]
@@ -203,12 +210,15 @@ def _tfds_source(cfg: DataConfig, model_size: int):
                 parts = tfds.core.ReadInstruction.from_spec(spec).to_absolute(builder.info.splits)
             except (ValueError, AssertionError, KeyError):
                 continue  # reported by the load below, with the key
-            ranges[role] = [(p.splitname, *slice(p.from_, p.to).indices(
-                builder.info.splits[p.splitname].num_examples)[:2]) for p in parts]  # fmt: skip
+            ranges[role] = [
+                (p.splitname, *slice(p.from_, p.to).indices(builder.info.splits[p.splitname].num_examples)[:2])
+                for p in parts
+            ]
 
         def shared(a, b):
-            return sum(max(0, min(e1, e2) - max(s1, s2))
-                       for n1, s1, e1 in ranges[a] for n2, s2, e2 in ranges[b] if n1 == n2)  # fmt: skip
+            return sum(
+                max(0, min(e1, e2) - max(s1, s2)) for n1, s1, e1 in ranges[a] for n2, s2, e2 in ranges[b] if n1 == n2
+            )
 
         warn_overlap(list(ranges), shared, specs)
 
@@ -219,8 +229,7 @@ def _tfds_source(cfg: DataConfig, model_size: int):
     return datasets, class_names, size, specs, None
 
 
-def auto_tfds_splits(available: list[str], explicit: dict, val_fraction: float,
-                     test_fraction: float) -> dict[str, str]:  # fmt: skip
+def auto_tfds_splits(available: list[str], explicit: dict, val_fraction: float, test_fraction: float) -> dict[str, str]:
     """Split strings for every role: policies.assign_splits, with the carves as the last
     `val_fraction` and `test_fraction` of 'train' in whole percents (tfds slicing)."""
     specs = assign_splits(available, explicit)
@@ -273,8 +282,10 @@ def list_folder(root: Path, key: str = "data.dataset") -> tuple[dict[str, dict[s
     """({split folder name: {class: files}}, non-image files, flat): a flat folder is one
     split named 'train', like tfds's tf_flowers."""
     if not root.is_dir():
-        raise UserError(f"{key}='{root}': no such folder; give a folder of class subfolders "
-                        f"(<root>/<class>/<image>) or a tfds dataset name")  # fmt: skip
+        raise UserError(
+            f"{key}='{root}': no such folder; give a folder of class subfolders "
+            f"(<root>/<class>/<image>) or a tfds dataset name"
+        )
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p.name))
     split_dirs = [p for p in subdirs if p.name.lower() in SPLIT_FOLDERS]
     if split_dirs and len(split_dirs) < len(subdirs):
@@ -291,8 +302,10 @@ def list_folder(root: Path, key: str = "data.dataset") -> tuple[dict[str, dict[s
             raise UserError(f"{key}='{root}' has both {layout[name].name}/ and {p.name}/; keep one")
         layout[name] = p
     if split_dirs and "train" not in layout:
-        raise UserError(f"{key}='{root}' has split folders ({', '.join(p.name for p in split_dirs)}/) "
-                        f"but no train/; add train/<class>/<image>")  # fmt: skip
+        raise UserError(
+            f"{key}='{root}' has split folders ({', '.join(p.name for p in split_dirs)}/) "
+            f"but no train/; add train/<class>/<image>"
+        )
     layout = layout or {"train": root}
     tree, ignored = {}, []
     for split, folder in layout.items():
@@ -325,8 +338,10 @@ def list_folder(root: Path, key: str = "data.dataset") -> tuple[dict[str, dict[s
 
 
 def _scan_cache_dir() -> Path:
-    base = os.environ.get("TLKERAS_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tlkeras"  # fmt: skip
+    base = (
+        os.environ.get("TLKERAS_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tlkeras"
+    )
     return Path(base) / "scans"
 
 
@@ -365,8 +380,7 @@ def scan_images(files: list[Path]) -> dict[str, str]:
     return bad
 
 
-def carve(files_by_class: dict[str, list[Path]], fractions: tuple[float, float],
-          seed: int) -> tuple[list, list, list]:  # fmt: skip
+def carve(files_by_class: dict[str, list[Path]], fractions: tuple[float, float], seed: int) -> tuple[list, list, list]:
     """Stratified, seeded split of {class: files} into (train, val, test) lists of (path, class index).
 
     Each class gives round(n * fraction) files to val and to test (at least one stays in
@@ -374,10 +388,10 @@ def carve(files_by_class: dict[str, list[Path]], fractions: tuple[float, float],
     """
     rng = np.random.default_rng(seed)
     parts = ([], [], [])
-    for index, (name, files) in enumerate(sorted(files_by_class.items())):
+    for index, (_, files) in enumerate(sorted(files_by_class.items())):
         order = rng.permutation(len(files))
         n_val, n_test = carve_counts(len(files), *fractions)
-        picks = (order[n_val + n_test:], order[:n_val], order[n_val:n_val + n_test])
+        picks = (order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test])
         for part, idx in zip(parts, picks):
             part += [(files[i], index) for i in sorted(idx)]
     return parts
@@ -401,7 +415,7 @@ def _folder_slice(spec: str, key: str, pools: dict[str, list], seed: int) -> lis
     for p in parts:
         pool = pools[p.splitname]
         order = np.random.default_rng(seed).permutation(len(pool))
-        out += [pool[i] for i in sorted(order[p.from_:p.to])]
+        out += [pool[i] for i in sorted(order[p.from_ : p.to])]
     return out
 
 
@@ -414,17 +428,20 @@ def _folder_source(cfg: DataConfig, model_size: int, seed: int):
         first = ", ".join(list(bad)[:3])
         log.warning(
             "data: %d of %d image files cannot be decoded and are left out%s%s",
-            len(bad), len(everything), f" (e.g. {first})" if bad else "",
+            len(bad),
+            len(everything),
+            f" (e.g. {first})" if bad else "",
             f"; {len(ignored)} non-image files ignored (e.g. {ignored[0]})" if ignored else "",
-        )  # fmt: skip
+        )
     class_names = tuple(sorted(next(iter(tree.values()))))
     if len(class_names) < 2:
         raise UserError(
-            f"data.dataset='{root}' has one class ({class_names[0]}); a classifier needs at "
-            f"least 2 class subfolders"
+            f"data.dataset='{root}' has one class ({class_names[0]}); a classifier needs at least 2 class subfolders"
         )
-    good = {split: {c: [p for p in files if str(p) not in bad] for c, files in classes.items()}
-            for split, classes in tree.items()}  # fmt: skip
+    good = {
+        split: {c: [p for p in files if str(p) not in bad] for c, files in classes.items()}
+        for split, classes in tree.items()
+    }
     for split, classes in good.items():
         for c, files in classes.items():
             if not files and tree[split][c]:
@@ -433,8 +450,10 @@ def _folder_source(cfg: DataConfig, model_size: int, seed: int):
                     f"files, none decodes; e.g. {bad[str(tree[split][c][0])]})"
                 )
     # Split folders as tfds split names ('val' answers for 'validation').
-    pools = {split: [(p, class_names.index(c)) for c, files in sorted(classes.items()) for p in files]
-             for split, classes in good.items()}  # fmt: skip
+    pools = {
+        split: [(p, class_names.index(c)) for c, files in sorted(classes.items()) for p in files]
+        for split, classes in good.items()
+    }
     if "validation" in pools:
         pools["val"] = pools["validation"]
     explicit = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}
@@ -463,8 +482,7 @@ def _folder_source(cfg: DataConfig, model_size: int, seed: int):
     def read(path):
         # Pillow, not tf.io: EXIF orientation, transparency and GIF/BMP decoded as a
         # viewer shows them, exactly as `predict` reads a file.
-        image = tf.numpy_function(lambda p: decode_file(p.decode(), **FILE_LIMITS), [path], tf.uint8,
-                                  stateful=False)  # fmt: skip
+        image = tf.numpy_function(lambda p: decode_file(p.decode(), **FILE_LIMITS), [path], tf.uint8, stateful=False)
         image.set_shape([None, None, 3])
         return fit_square(image, size)
 
@@ -473,8 +491,9 @@ def _folder_source(cfg: DataConfig, model_size: int, seed: int):
         if not pairs:
             raise UserError(
                 f"the {role} split of '{root}' came out empty ({source[role]}); give the folder "
-                f"more images per class, or raise data.{role}_fraction" if role != "train" else
-                f"the train split of '{root}' came out empty; lower data.val_fraction and data.test_fraction"
+                f"more images per class, or raise data.{role}_fraction"
+                if role != "train"
+                else f"the train split of '{root}' came out empty; lower data.val_fraction and data.test_fraction"
             )
         paths = tf.constant([str(p) for p, _ in pairs])
         labels = tf.constant([y for _, y in pairs], tf.int64)
@@ -503,12 +522,17 @@ def warn_overlap(roles: list[str], shared, described: dict[str, str]) -> None:
     """Logs a warning for each pair of splits that share examples (`shared(a, b)` counts
     them): a best epoch picked, or a number reported, on images the model trained on."""
     for i, a in enumerate(roles):
-        for b in roles[i + 1:]:
+        for b in roles[i + 1 :]:
             count = shared(a, b)
             if count:
-                log.warning("data: the %s split (%s) and the %s split (%s) share %d examples",
-                            a, described[a], b, described[b], count)  # fmt: skip
-
+                log.warning(
+                    "data: the %s split (%s) and the %s split (%s) share %d examples",
+                    a,
+                    described[a],
+                    b,
+                    described[b],
+                    count,
+                )
 
 
 def augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -526,8 +550,9 @@ def augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
 EpochsFn = Callable[..., tf.data.Dataset]
 
 
-def seeded_epochs(examples: tf.data.Dataset, batch_size: int, seed: int, buffer: int,
-                  transform: Callable | None = None) -> EpochsFn:  # fmt: skip
+def seeded_epochs(
+    examples: tf.data.Dataset, batch_size: int, seed: int, buffer: int, transform: Callable | None = None
+) -> EpochsFn:
     """`epochs(first, end, skip=0)`: the training batches of epochs first..end-1, in one
     dataset, without the first `skip` batches.
 
@@ -595,10 +620,16 @@ def make_datasets(cfg: DataConfig, seed: int = 0, model_size: int = 224) -> Spli
     labels = np.asarray(train_labels, np.int64)
     per_class = np.bincount(labels, minlength=len(class_names))
     info = DatasetInfo(
-        name=cfg.dataset, source=kind, class_names=class_names, image_size=size,
-        num_train=counts[0], num_val=counts[1], num_test=counts[2],
-        train_class_counts=tuple(int(n) for n in per_class), splits=dict(source),
-    )  # fmt: skip
+        name=cfg.dataset,
+        source=kind,
+        class_names=class_names,
+        image_size=size,
+        num_train=counts[0],
+        num_val=counts[1],
+        num_test=counts[2],
+        train_class_counts=tuple(int(n) for n in per_class),
+        splits=dict(source),
+    )
     transform = (lambda x, y, s: (augment(x, s), y)) if cfg.augment else None
     epochs = seeded_epochs(train, cfg.batch_size, seed, min(cfg.shuffle_buffer, counts[0]), transform)
     batched = [d.batch(cfg.batch_size).prefetch(auto) for d in (train, val, test)]
@@ -610,8 +641,9 @@ def feature_dataset(features: np.ndarray, labels: np.ndarray, batch_size: int) -
     return tf.data.Dataset.from_tensor_slices((features, labels)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def feature_epochs(features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int,
-                   flipped: np.ndarray | None = None) -> EpochsFn:  # fmt: skip
+def feature_epochs(
+    features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, flipped: np.ndarray | None = None
+) -> EpochsFn:
     """Cached training features as `seeded_epochs`, shuffled every epoch.
 
     With `flipped` (features of the mirrored images) each example is drawn as either

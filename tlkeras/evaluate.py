@@ -82,9 +82,15 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS
     rows = []
     for b in range(bins):
         m = which == b
-        rows.append({"low": b / bins, "high": (b + 1) / bins, "count": int(m.sum()),
-                     "accuracy": float(correct[m].mean()) if m.any() else None,
-                     "confidence": float(confidence[m].mean()) if m.any() else None})  # fmt: skip
+        rows.append(
+            {
+                "low": b / bins,
+                "high": (b + 1) / bins,
+                "count": int(m.sum()),
+                "accuracy": float(correct[m].mean()) if m.any() else None,
+                "confidence": float(confidence[m].mean()) if m.any() else None,
+            }
+        )
     return rows
 
 
@@ -96,7 +102,9 @@ def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature:
     return float(-log_p[np.arange(len(labels)), labels].mean())
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = T_BOUNDS[0], high: float = T_BOUNDS[1]) -> float:
+def fit_temperature(
+    logits: np.ndarray, labels: np.ndarray, low: float = T_BOUNDS[0], high: float = T_BOUNDS[1]
+) -> float:
     """Temperature scaling (Guo et al. 2017): the one T > 0 minimising the NLL of
     softmax(logits / T) on held-out data, searched over log T in [low, high] with SciPy's
     bounded scalar minimiser (the NLL is convex in 1/T, so unimodal in log T; Guo et al.
@@ -105,8 +113,10 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, low: float = T_BOUND
 
     result = minimize_scalar(
         lambda log_t: negative_log_likelihood(logits, labels, float(np.exp(log_t))),
-        bounds=(np.log(low), np.log(high)), method="bounded", options={"xatol": 1e-7},
-    )  # fmt: skip
+        bounds=(np.log(low), np.log(high)),
+        method="bounded",
+        options={"xatol": 1e-7},
+    )
     return float(np.exp(result.x))
 
 
@@ -130,23 +140,29 @@ def choose_temperature(logits: np.ndarray, labels: np.ndarray, seed: int = 0) ->
     if min(len(h) for h in halves) < 10:
         record["reason"] = f"too few val images to check ({len(labels)}; 20 needed)"
     elif not interior(fitted):
-        record["reason"] = (f"the NLL has no minimum inside [{low}, {high}] (every val image right, or "
-                            f"every one wrong): no temperature to fit")  # fmt: skip
+        record["reason"] = (
+            f"the NLL has no minimum inside [{low}, {high}] (every val image right, or "
+            f"every one wrong): no temperature to fit"
+        )
     else:
         folds = []
         for fit_on, score_on in (halves, halves[::-1]):
             t = fit_temperature(logits[fit_on], labels[fit_on])
-            folds.append({"fitted": round(t, 4), "T=1": round(negative_log_likelihood(logits[score_on], labels[score_on]), 4),
-                          "fitted T": round(negative_log_likelihood(logits[score_on], labels[score_on], t), 4),
-                          "interior": interior(t)})  # fmt: skip
+            folds.append(
+                {
+                    "fitted": round(t, 4),
+                    "T=1": round(negative_log_likelihood(logits[score_on], labels[score_on]), 4),
+                    "fitted T": round(negative_log_likelihood(logits[score_on], labels[score_on], t), 4),
+                    "interior": interior(t),
+                }
+            )
         record["held_out_nll"] = folds
         record["kept"] = all(f["interior"] and f["fitted T"] < f["T=1"] for f in folds)
         if not record["kept"]:
             record["reason"] = "a temperature fitted on one half of val did not lower the NLL of the other half"
     if record["kept"]:
         return fitted, record
-    log.warning("calibration: the temperature fitted on val (%.3f) is not kept: %s; T = 1",
-                fitted, record["reason"])  # fmt: skip
+    log.warning("calibration: the temperature fitted on val (%.3f) is not kept: %s; T = 1", fitted, record["reason"])
     return 1.0, record
 
 
@@ -188,8 +204,10 @@ def logits_function(model):
 def predict_logits(logits_fn, images: np.ndarray, batch_size: int = 128, flip: bool = False) -> np.ndarray:
     """Logits float32 [n, C] of uint8 images [n, S, S, 3] (mirrored first with flip) by a
     logits_function."""
-    out = [logits_fn(images[i:i + batch_size][:, :, ::-1] if flip else images[i:i + batch_size]).numpy()
-           for i in range(0, len(images), batch_size)]  # fmt: skip
+    out = [
+        logits_fn(images[i : i + batch_size][:, :, ::-1] if flip else images[i : i + batch_size]).numpy()
+        for i in range(0, len(images), batch_size)
+    ]
     return np.concatenate(out)
 
 
@@ -199,7 +217,7 @@ def dataset_logits(logits_fn, dataset, keep: int | None = None) -> tuple[np.ndar
     xs, ys, zs, kept = [], [], [], 0
     for x, y in dataset.as_numpy_iterator():
         if keep is None or kept < keep:
-            xs.append(x if keep is None else x[:keep - kept])
+            xs.append(x if keep is None else x[: keep - kept])
             kept += len(xs[-1])
         ys.append(y)
         zs.append(logits_fn(x).numpy())
@@ -255,26 +273,38 @@ def corruption_accuracy(logits_fn, images, labels, cfg, info, seed: int, indices
                 import tensorflow_datasets as tfds
 
                 last = len(images) if indices is None else int(np.max(indices, initial=-1)) + 1
-                ds = tfds.load(f"cifar10_corrupted/{name}_{severity}", split=f"test[:{last}]",
-                               data_dir=data_dir, download=False, as_supervised=True)  # fmt: skip
+                ds = tfds.load(
+                    f"cifar10_corrupted/{name}_{severity}",
+                    split=f"test[:{last}]",
+                    data_dir=data_dir,
+                    download=False,
+                    as_supervised=True,
+                )
                 x, y = to_arrays(ds.batch(256))
                 if indices is not None:
                     x, y = x[indices], y[indices]
             else:
-                x = np.concatenate([corrupt(tf.constant(images[i:i + 256]), name, severity, seed + i).numpy()
-                                    for i in range(0, len(images), 256)])  # fmt: skip
+                x = np.concatenate(
+                    [
+                        corrupt(tf.constant(images[i : i + 256]), name, severity, seed + i).numpy()
+                        for i in range(0, len(images), 256)
+                    ]
+                )
                 y = labels
             row.append(round(float((predict_logits(logits_fn, x).argmax(1) == y).mean()), 4))
         table[name] = row
     values = np.array(list(table.values()))
     return {
-        "source": ("tfds cifar10_corrupted (Hendrycks & Dietterich 2019)" if data_dir else
-                   "generated in the graph with the CIFAR-10-C parameters (Hendrycks & Dietterich 2019)"),
+        "source": (
+            "tfds cifar10_corrupted (Hendrycks & Dietterich 2019)"
+            if data_dir
+            else "generated in the graph with the CIFAR-10-C parameters (Hendrycks & Dietterich 2019)"
+        ),
         "images": int(len(images)),
         "accuracy": table,
         "mean_per_severity": [round(float(v), 4) for v in values.mean(axis=0)],
         "mean_accuracy": round(float(values.mean()), 4),
-    }  # fmt: skip
+    }
 
 
 def adversarial_accuracy(model, images, labels, seed: int) -> dict[str, Any]:
@@ -305,8 +335,11 @@ def trust_report(model, cfg, splits, run_dir: Path, quick: bool = False, test=No
     and calibration use all n images at no cost, and the mirror-image pass of TTA the
     test-images subset only."""
     e = cfg.evaluate
-    sizes = ((e.quick_test_images, e.quick_corruption_images, e.quick_adversarial_images) if quick
-             else (e.test_images, e.corruption_images, e.adversarial_images))  # fmt: skip
+    sizes = (
+        (e.quick_test_images, e.quick_corruption_images, e.quick_adversarial_images)
+        if quick
+        else (e.test_images, e.corruption_images, e.adversarial_images)
+    )
     start = time.perf_counter()
     info = splits.info
     logits_fn = logits_function(model)
@@ -332,17 +365,23 @@ def trust_report(model, cfg, splits, run_dir: Path, quick: bool = False, test=No
     report: dict[str, Any] = {
         "quick": quick,
         "test_split": info.splits.get("test"),
-        "clean": {"accuracy": round(float((probs.argmax(1) == test_y).mean()), 4), "images": int(len(test_y)),
-                  "seconds": None if clean_s is None else round(clean_s, 1),  # None: training's pass, reused
-                  "reused_training_test_pass": clean_s is None},
-        "tta": {"accuracy": round(float((tta.argmax(1) == test_y[tta_pick]).mean()), 4),
-                "images": int(len(tta_pick)),
-                "clean_accuracy": round(float((probs[tta_pick].argmax(1) == test_y[tta_pick]).mean()), 4),
-                "views": ["image", "mirror image"],
-                "mirror_pass_seconds": round(mirror_s, 1),  # the extra cost of TTA over the clean pass
-                "cost": None if clean_s is None else round((clean_s + mirror_s) / clean_s, 2)},
+        "clean": {
+            "accuracy": round(float((probs.argmax(1) == test_y).mean()), 4),
+            "images": int(len(test_y)),
+            "seconds": None if clean_s is None else round(clean_s, 1),  # None: training's pass, reused
+            "reused_training_test_pass": clean_s is None,
+        },
+        "tta": {
+            "accuracy": round(float((tta.argmax(1) == test_y[tta_pick]).mean()), 4),
+            "images": int(len(tta_pick)),
+            "clean_accuracy": round(float((probs[tta_pick].argmax(1) == test_y[tta_pick]).mean()), 4),
+            "views": ["image", "mirror image"],
+            "mirror_pass_seconds": round(mirror_s, 1),  # the extra cost of TTA over the clean pass
+            "cost": None if clean_s is None else round((clean_s + mirror_s) / clean_s, 2),
+        },
         "calibration": {
-            "temperature": round(temperature, 4), "fitted_on": evidence.pop("fitted_on"),
+            "temperature": round(temperature, 4),
+            "fitted_on": evidence.pop("fitted_on"),
             "cross_validation": evidence,
             "bins": ECE_BINS,
             "ece_before": round(expected_calibration_error(probs, test_y), 4),
@@ -351,11 +390,10 @@ def trust_report(model, cfg, splits, run_dir: Path, quick: bool = False, test=No
             "nll_after": round(negative_log_likelihood(logits, test_y, temperature), 4),
             "exports_calibrated": bool(cfg.evaluate.fold_temperature and temperature != 1.0),
         },
-    }  # fmt: skip
+    }
     t0 = time.perf_counter()
     c_pick = subset(len(all_y), sizes[1], cfg.seed + 1)
-    report["corruptions"] = corruption_accuracy(logits_fn, all_x[c_pick], all_y[c_pick], cfg, info, cfg.seed,
-                                                c_pick)  # fmt: skip
+    report["corruptions"] = corruption_accuracy(logits_fn, all_x[c_pick], all_y[c_pick], cfg, info, cfg.seed, c_pick)
     report["corruptions"]["seconds"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     a_pick = subset(len(all_y), sizes[2], cfg.seed + 2)
@@ -377,16 +415,31 @@ def trust_report(model, cfg, splits, run_dir: Path, quick: bool = False, test=No
 
 def log_table(r: dict[str, Any]) -> None:
     c, cal, adv = r["clean"], r["calibration"], r["adversarial"]
-    log.info("trust report%s: %d test images, %.0f s",
-             " (quick)" if r["quick"] else "", c["images"], r["wall_time_s"])  # fmt: skip
+    log.info("trust report%s: %d test images, %.0f s", " (quick)" if r["quick"] else "", c["images"], r["wall_time_s"])
     t = r["tta"]
-    log.info("  accuracy  clean %.4f   TTA (mirror) %.4f against %.4f clean on the same %d images (+%.0f s)",
-             c["accuracy"], t["accuracy"], t["clean_accuracy"], t["images"], t["mirror_pass_seconds"])  # fmt: skip
-    log.info("  ECE       %.2f%% -> %.2f%% after T=%.3f   NLL %.3f -> %.3f", 100 * cal["ece_before"],
-             100 * cal["ece_after"], cal["temperature"], cal["nll_before"], cal["nll_after"])  # fmt: skip
+    log.info(
+        "  accuracy  clean %.4f   TTA (mirror) %.4f against %.4f clean on the same %d images (+%.0f s)",
+        c["accuracy"],
+        t["accuracy"],
+        t["clean_accuracy"],
+        t["images"],
+        t["mirror_pass_seconds"],
+    )
+    log.info(
+        "  ECE       %.2f%% -> %.2f%% after T=%.3f   NLL %.3f -> %.3f",
+        100 * cal["ece_before"],
+        100 * cal["ece_after"],
+        cal["temperature"],
+        cal["nll_before"],
+        cal["nll_after"],
+    )
     corr = r["corruptions"]
-    log.info("  corrupted mean %.4f (%d images each; severity 1-5: %s)", corr["mean_accuracy"],
-             corr["images"], " ".join(f"{v:.3f}" for v in corr["mean_per_severity"]))  # fmt: skip
+    log.info(
+        "  corrupted mean %.4f (%d images each; severity 1-5: %s)",
+        corr["mean_accuracy"],
+        corr["images"],
+        " ".join(f"{v:.3f}" for v in corr["mean_per_severity"]),
+    )
     for kind in ("fgsm", "pgd"):
         budgets = "  ".join(f"{e}/255 {v:.3f}" for e, v in adv[kind].items())
         log.info("  %-9s %s (%d images, clean %.3f)", kind.upper(), budgets, adv["images"], adv["clean_accuracy"])
@@ -414,8 +467,14 @@ def save_reliability_png(probs, probs_t, labels, temperature: float, path: Path)
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.5), sharey=True)
     for ax, p, title in ((axes[0], probs, "model"), (axes[1], probs_t, f"temperature {temperature:.2f}")):
         rows = [r for r in reliability_bins(p, labels) if r["count"]]
-        ax.bar([r["low"] for r in rows], [r["accuracy"] for r in rows], width=1 / ECE_BINS, align="edge",
-               edgecolor="black", label="accuracy")  # fmt: skip
+        ax.bar(
+            [r["low"] for r in rows],
+            [r["accuracy"] for r in rows],
+            width=1 / ECE_BINS,
+            align="edge",
+            edgecolor="black",
+            label="accuracy",
+        )
         ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
         ax.set_xlabel("confidence (top-class probability)")
         ax.set_title(f"{title}: ECE {100 * expected_calibration_error(p, labels):.2f}%")
@@ -443,8 +502,10 @@ def save_gallery_png(images, labels, probs, class_names, path: Path, count: int 
     for ax, i in zip(axes.ravel(), top):
         pred = int(probs[i].argmax())
         ax.imshow(images[i])
-        ax.set_title(f"true {class_names[labels[i]]} {probs[i, labels[i]]:.2f}\n"
-                     f"pred {class_names[pred]} {probs[i, pred]:.2f}", fontsize=8)  # fmt: skip
+        ax.set_title(
+            f"true {class_names[labels[i]]} {probs[i, labels[i]]:.2f}\npred {class_names[pred]} {probs[i, pred]:.2f}",
+            fontsize=8,
+        )
     fig.suptitle("highest-loss test images: true and predicted class, probability")
     fig.tight_layout()
     _save(fig, path)
@@ -460,8 +521,12 @@ def check_run_dir(run_dir: Path) -> None:
     from tlkeras.rundir import SUMMARY
 
     unfinished = "the run has not finished: rerun its train command to resume it"
-    for name, why in (("config.yaml", "not a tlkeras run folder"), (SUMMARY, unfinished),
-                      ("model.keras", unfinished), ("dataset.json", "not a tlkeras run folder")):  # fmt: skip
+    for name, why in (
+        ("config.yaml", "not a tlkeras run folder"),
+        (SUMMARY, unfinished),
+        ("model.keras", unfinished),
+        ("dataset.json", "not a tlkeras run folder"),
+    ):
         if not (run_dir / name).is_file():
             raise UserError(f"'{run_dir / name}' not found: {why}")
 
@@ -485,8 +550,10 @@ def load_run(run_dir: Path):
         model.set_weights(keras.models.load_model(path).get_weights())
     except Exception as e:  # zipfile, h5py and Keras each raise their own kind for a damaged file
         reason = " ".join(str(e).split())[:160] or type(e).__name__
-        raise UserError(f"'{path}' cannot be loaded ({reason}): the file is damaged; restore it, "
-                        f"or train again with a new --run-dir") from None  # fmt: skip
+        raise UserError(
+            f"'{path}' cannot be loaded ({reason}): the file is damaged; restore it, "
+            f"or train again with a new --run-dir"
+        ) from None
     return cfg, info, model
 
 
@@ -501,8 +568,10 @@ def evaluate_run(run_dir: Path, quick: bool = False) -> dict[str, Any]:
     data = dataclasses.replace(cfg.data, download=False, cache=False, augment=False)
     splits = make_datasets(data, cfg.seed, cfg.model.image_size)
     if splits.info.class_names != info.class_names or splits.info.num_test != info.num_test:
-        raise UserError(f"the data of run '{run_dir}' has changed since training (classes or test "
-                        f"count differ from dataset.json); restore it to evaluate this run")  # fmt: skip
+        raise UserError(
+            f"the data of run '{run_dir}' has changed since training (classes or test "
+            f"count differ from dataset.json); restore it to evaluate this run"
+        )
     from tlkeras import rundir
 
     handler = logging.FileHandler(run_dir / "train.log")  # the table joins the run's log
@@ -519,8 +588,9 @@ def evaluate_run(run_dir: Path, quick: bool = False) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m tlkeras.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--run-dir", type=Path, required=True, help="a finished training run")
-    parser.add_argument("--quick", action="store_true",
-                        help="the evaluate.quick_* subset sizes (the end-of-training report's)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the evaluate.quick_* subset sizes (the end-of-training report's)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -79,13 +79,19 @@ def make_serving_module(model, class_names: tuple[str, ...]):
     def serve(images):
         out = numeric(images)
         batch = tf.shape(images)[0]
-        return {**out, "labels": tf.gather(names, out["classes"]),
-                "class_names": tf.tile(names[tf.newaxis], [batch, 1])}  # fmt: skip
+        return {
+            **out,
+            "labels": tf.gather(names, out["classes"]),
+            "class_names": tf.tile(names[tf.newaxis], [batch, 1]),
+        }
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=BYTES_INPUT)])
     def serve_bytes(image_bytes):
-        images = tf.map_fn(lambda data: decode_in_graph(data, size), image_bytes,
-                           fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8))  # fmt: skip
+        images = tf.map_fn(
+            lambda data: decode_in_graph(data, size),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8),
+        )
         return serve(images)
 
     module = tf.Module()
@@ -106,9 +112,7 @@ def write_warmup(path: Path, name: str, images: np.ndarray) -> None:
                 model_spec=model_pb2.ModelSpec(name=name, signature_name="serving_default")
             )
             request.inputs[INPUT].CopyFrom(tf.make_tensor_proto(batch))
-            log = prediction_log_pb2.PredictionLog(
-                predict_log=prediction_log_pb2.PredictLog(request=request)
-            )
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(log.SerializeToString())
 
 
@@ -130,8 +134,10 @@ def save_onnx(module, path: Path, class_names: tuple[str, ...]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     proto, _ = tf2onnx.convert.from_function(
-        module.numeric, input_signature=module.numeric.input_signature, opset=OPSET,
-    )  # fmt: skip
+        module.numeric,
+        input_signature=module.numeric.input_signature,
+        opset=OPSET,
+    )
     size = module.numeric.input_signature[0].shape[1]
     for key, value in (("class_names", json.dumps(list(class_names))), ("image_size", str(size))):
         proto.metadata_props.add(key=key, value=value)
@@ -149,8 +155,7 @@ def run_tf1_session(path: Path, images: np.ndarray, chunk: int = 256) -> dict[st
         sig = meta.signature_def["serving_default"]
         fetches = {k: v.name for k, v in sig.outputs.items()}
         feed = sig.inputs[INPUT].name
-        return _concat([sess.run(fetches, {feed: images[i:i + chunk]})
-                        for i in range(0, len(images), chunk)])  # fmt: skip
+        return _concat([sess.run(fetches, {feed: images[i : i + chunk]}) for i in range(0, len(images), chunk)])
 
 
 def onnx_session(path: Path | str):
@@ -162,16 +167,18 @@ def onnx_session(path: Path | str):
 def run_onnx(path: Path, images: np.ndarray, chunk: int = 256) -> dict[str, np.ndarray]:
     session = onnx_session(path)
     names = [o.name for o in session.get_outputs()]
-    return _concat([dict(zip(names, session.run(None, {INPUT: images[i:i + chunk]})))
-                    for i in range(0, len(images), chunk)])  # fmt: skip
+    return _concat(
+        [dict(zip(names, session.run(None, {INPUT: images[i : i + chunk]}))) for i in range(0, len(images), chunk)]
+    )
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def parity(reference: np.ndarray, outputs: dict[str, np.ndarray], what: str,
-           class_names: tuple[str, ...] | None = None) -> dict[str, Any]:  # fmt: skip
+def parity(
+    reference: np.ndarray, outputs: dict[str, np.ndarray], what: str, class_names: tuple[str, ...] | None = None
+) -> dict[str, Any]:
     """Max |probability difference| and identical classes (and labels, when the export
     has them) against the Keras model's probabilities; ExportError past TOLERANCE."""
     probs = outputs["probabilities"]
@@ -213,8 +220,9 @@ def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def export_model(model, base: Path, name: str, images: np.ndarray,
-                 class_names: tuple[str, ...], temperature: float = 1.0) -> dict[str, Any]:  # fmt: skip
+def export_model(
+    model, base: Path, name: str, images: np.ndarray, class_names: tuple[str, ...], temperature: float = 1.0
+) -> dict[str, Any]:
     """Builds, verifies and publishes version N+1 of both formats; returns their record.
 
     `images`: uint8 [n, S, S, 3] for the parity gate; `class_names` in class-index order.
@@ -304,12 +312,16 @@ def run_temperature(run_dir: Path, cfg, summary: dict | None) -> float:
 
     logging.getLogger("tlkeras").warning(
         "no fitted temperature in %s: exporting uncalibrated probabilities; run python -m "
-        "tlkeras.evaluate --run-dir %s first to calibrate them", run_dir, run_dir)
+        "tlkeras.evaluate --run-dir %s first to calibrate them",
+        run_dir,
+        run_dir,
+    )
     return 1.0
 
 
-def export_run(run_dir: Path, base: Path | None = None, name: str | None = None,
-               parity_count: int = 64) -> dict[str, Any]:  # fmt: skip
+def export_run(
+    run_dir: Path, base: Path | None = None, name: str | None = None, parity_count: int = 64
+) -> dict[str, Any]:
     """Exports run_dir/model.keras and records the result in summary.json."""
     from tlkeras import rundir
     from tlkeras.config import load_config
@@ -328,8 +340,9 @@ def export_run(run_dir: Path, base: Path | None = None, name: str | None = None,
         images = parity_images(cfg, info, parity_count)
         summary = rundir.read_json(run_dir / rundir.SUMMARY)
         with writing(base, "the export", 3 * sum(w.nbytes for w in model.get_weights())):
-            record = export_model(model, base, name or cfg.export.name, images, info.class_names,
-                                  run_temperature(run_dir, cfg, summary))  # fmt: skip
+            record = export_model(
+                model, base, name or cfg.export.name, images, info.class_names, run_temperature(run_dir, cfg, summary)
+            )
     if summary is not None:
         summary.setdefault("exports", []).append(record)
         rundir.write_json(run_dir / rundir.SUMMARY, summary)
@@ -341,8 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, required=True, help="a finished training run")
     parser.add_argument("--base", type=Path, help="export base folder (default: the run's export.base)")
     parser.add_argument("--name", help="model name, TF Serving's MODEL_NAME (default: the run's export.name)")
-    parser.add_argument("--parity-images", type=int, default=64, metavar="N",
-                        help="test images of the run's data for the parity gate (e.g. 10000: all of CIFAR-10's)")
+    parser.add_argument(
+        "--parity-images",
+        type=int,
+        default=64,
+        metavar="N",
+        help="test images of the run's data for the parity gate (e.g. 10000: all of CIFAR-10's)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
     quiet_libraries(args.debug)  # before TensorFlow is imported
@@ -353,8 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SavedModel: {record['savedmodel']}\nONNX: {record['onnx']}")
         for kind in ("savedmodel", "onnx"):
             c = checks[kind]
-            print(f"parity {kind}: {c['images']} images, max |diff| {c['max_abs_diff']:.1e}, "
-                  f"identical classes: {c['identical_classes']}")  # fmt: skip
+            print(
+                f"parity {kind}: {c['images']} images, max |diff| {c['max_abs_diff']:.1e}, "
+                f"identical classes: {c['identical_classes']}"
+            )
 
     return run_cli(run, args.debug)
 

@@ -35,8 +35,15 @@ from tlkeras.console import quiet_libraries
 from tlkeras.errors import ArgumentParser, ConfigError, UserError, run_cli
 
 STAGES = ("features", "head", "write", "finetune", "export")
-DURABLE = ("backup/*/latest.weights.h5", "checkpoints/*", "features/*.json", "metrics.csv",
-           "model.keras", "export/*/[0-9]*", "summary.json")  # fmt: skip
+DURABLE = (
+    "backup/*/latest.weights.h5",
+    "checkpoints/*",
+    "features/*.json",
+    "metrics.csv",
+    "model.keras",
+    "export/*/[0-9]*",
+    "summary.json",
+)
 
 
 class Trainer:
@@ -58,7 +65,7 @@ class Trainer:
     def log(self, all_of_it: bool = False) -> str:
         path = self.run_dir / "train.log"
         text = path.read_text() if path.exists() else ""
-        return text if all_of_it else text[self.log_start:]
+        return text if all_of_it else text[self.log_start :]
 
     def stderr_tail(self, lines: int = 5) -> list[str]:
         text = self.out.read_text()
@@ -96,10 +103,13 @@ def aim(trainer: Trainer, proc: subprocess.Popen, stage: str, rng: random.Random
     run = trainer.run_dir
     patience = 3 * ref["total"] + 60  # a busy machine runs slower than the reference did
     if stage == "write":  # a temporary file of a backup or a checkpoint: mid-write
-        return wait_for(proc, lambda: any(run.glob("backup/*/.tmp-*")) or any(run.glob("checkpoints/.tmp-*")),
-                        patience)  # fmt: skip
-    marker = {"features": "head: epochs", "head": "head: features of", "finetune": "finetune: epochs",
-              "export": "final weights sha256"}[stage]  # fmt: skip
+        return wait_for(proc, lambda: any(run.glob("backup/*/.tmp-*")) or any(run.glob("checkpoints/.tmp-*")), patience)
+    marker = {
+        "features": "head: epochs",
+        "head": "head: features of",
+        "finetune": "finetune: epochs",
+        "export": "final weights sha256",
+    }[stage]
     if stage == "head":  # the features may come from the cache
         ok = wait_for(proc, lambda: marker in trainer.log() or "reused from" in trainer.log(), patience)
     else:
@@ -120,8 +130,17 @@ def stage_times(log: str) -> dict[str, float]:
                 return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
         return None
 
-    marks = [at(m) for m in ("starting run", "head: epochs", "head: features of", "finetune: epochs",
-                             "final weights sha256", "test accuracy")]  # fmt: skip
+    marks = [
+        at(m)
+        for m in (
+            "starting run",
+            "head: epochs",
+            "head: features of",
+            "finetune: epochs",
+            "final weights sha256",
+            "test accuracy",
+        )
+    ]
     names = ("startup", "features", "head", "finetune", "export")
     times = {n: b - a for n, a, b in zip(names, marks, marks[1:]) if a and b}
     times["total"] = (marks[-1] or 0) - (marks[0] or 0)
@@ -149,9 +168,14 @@ def inject(trainer: Trainer, count: int, sig: int, rng: random.Random, ref: dict
         except subprocess.TimeoutExpired:
             proc.kill()
             code = proc.wait()
-        trial = {"trial": i + 1, "stage": stage, "landed": True, "exit": code,
-                 "exit_s": round(time.time() - sent, 1),
-                 "lost_s": round(sent - max(durable, launched), 1)}  # fmt: skip
+        trial = {
+            "trial": i + 1,
+            "stage": stage,
+            "landed": True,
+            "exit": code,
+            "exit_s": round(time.time() - sent, 1),
+            "lost_s": round(sent - max(durable, launched), 1),
+        }
         if sig == signal.SIGTERM:
             trial["message"] = trainer.stderr_tail(1)[0][:300]
         trials.append(trial)
@@ -197,10 +221,13 @@ def check(run_dir: Path, reference: dict[str, Any] | None) -> dict[str, Any]:
         if ok:
             t = temperatures.get(version.name, 1.0)
             expected = (fold_temperature(model, t) if t != 1.0 else model).predict(images, verbose=0)
-            diff = max(float(np.abs(run_tf1_session(version, images)["probabilities"] - expected).max()),
-                       float(np.abs(run_onnx(onnx, images)["probabilities"] - expected).max()))  # fmt: skip
-        exports.append({"version": version.name, "complete": ok, "max_abs_diff": diff,
-                        "parity": ok and diff <= TOLERANCE})  # fmt: skip
+            diff = max(
+                float(np.abs(run_tf1_session(version, images)["probabilities"] - expected).max()),
+                float(np.abs(run_onnx(onnx, images)["probabilities"] - expected).max()),
+            )
+        exports.append(
+            {"version": version.name, "complete": ok, "max_abs_diff": diff, "parity": ok and diff <= TOLERANCE}
+        )
     result["exports"] = exports
     result["exports_ok"] = bool(exports) == cfg.export.enabled and all(e["parity"] for e in exports)
     result["test_accuracy"] = summary.get("test_accuracy")
@@ -219,17 +246,23 @@ def full_disk(out: Path, train_args: list[str], reference_dir: Path, reference: 
     mount.mkdir(parents=True, exist_ok=True)
     need = sum(p.stat().st_size for p in reference_dir.rglob("*") if p.is_file())
     small = max(need // 3, 20 * 2**20)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={small}", "tmpfs", str(mount)],
-                      capture_output=True).returncode:  # fmt: skip
-        return {"kind": "not run: tmpfs not mountable here (needs root); simulated ENOSPC is "
-                        "covered by tests/test_errors.py::test_full_disk_*"}  # fmt: skip
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={small}", "tmpfs", str(mount)], capture_output=True
+    ).returncode:
+        return {
+            "kind": "not run: tmpfs not mountable here (needs root); simulated ENOSPC is "
+            "covered by tests/test_errors.py::test_full_disk_*"
+        }
     try:
         trainer = Trainer(mount / "run", train_args, out=out / "disk.out")  # the output outlives the tmpfs
         first = trainer.start().wait()
         tail = trainer.stderr_tail(3)
-        result = {"kind": f"tmpfs of {small / 2**20:.0f} MiB (the reference run folder: {need / 2**20:.0f} MiB)",
-                  "exit": first, "line": tail[-1][:300],
-                  "one_line": tail[-1].startswith("error: ") and "Traceback" not in "\n".join(tail)}  # fmt: skip
+        result = {
+            "kind": f"tmpfs of {small / 2**20:.0f} MiB (the reference run folder: {need / 2**20:.0f} MiB)",
+            "exit": first,
+            "line": tail[-1][:300],
+            "one_line": tail[-1].startswith("error: ") and "Traceback" not in "\n".join(tail),
+        }
         subprocess.run(["mount", "-o", f"remount,size={3 * need}", str(mount)], check=True)
         result["rerun_exit"] = trainer.start().wait()
         result["check"] = check(trainer.run_dir, reference)
@@ -259,8 +292,10 @@ def inject_all(args) -> int:
     if args.kills < 0 or args.sigterms < 0:
         raise ConfigError(f"--kills {args.kills} / --sigterms {args.sigterms}: counts must be 0 or more")
     if args.reference and not (args.reference / "summary.json").is_file():
-        raise UserError(f"--reference '{args.reference}' is not a finished run (no summary.json); "
-                        f"drop it to train a reference in <out>/reference")  # fmt: skip
+        raise UserError(
+            f"--reference '{args.reference}' is not a finished run (no summary.json); "
+            f"drop it to train a reference in <out>/reference"
+        )
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out '{args.out}' is a file; give a folder for the runs")
     cfg = load_config(args.config, args.overrides)  # a bad config: one line now, not after a failed run
@@ -277,8 +312,9 @@ def inject_all(args) -> int:
             return 1
     reference = json.loads((ref_dir / "summary.json").read_text())
     ref = stage_times((ref_dir / "train.log").read_text())
-    report: dict[str, Any] = {"reference": {"dir": str(ref_dir), "stage_s": ref,
-                                            "test_accuracy": reference["test_accuracy"]}}  # fmt: skip
+    report: dict[str, Any] = {
+        "reference": {"dir": str(ref_dir), "stage_s": ref, "test_accuracy": reference["test_accuracy"]}
+    }
     for name, sig, count in (("killed", signal.SIGKILL, args.kills), ("sigterm", signal.SIGTERM, args.sigterms)):
         if count:
             trainer = Trainer(args.out / name, train_args)

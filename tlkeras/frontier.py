@@ -71,14 +71,21 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
     for ax, size in zip(axes[0], sizes):
         for backbone in sorted({p["backbone"] for p in points}):
-            line = sorted((p for p in points if p["train_images"] == size and p["backbone"] == backbone),
-                          key=lambda p: p["minutes"])  # fmt: skip
+            line = sorted(
+                (p for p in points if p["train_images"] == size and p["backbone"] == backbone),
+                key=lambda p: p["minutes"],
+            )
             if not line:
                 continue
             ax.plot([p["minutes"] for p in line], [p["test_accuracy"] for p in line], "o-", label=backbone)
             for p in line:
-                ax.annotate(f"{p['image_size']}px, {p['unfreeze']}", (p["minutes"], p["test_accuracy"]),
-                            fontsize=7, xytext=(4, -10), textcoords="offset points")  # fmt: skip
+                ax.annotate(
+                    f"{p['image_size']}px, {p['unfreeze']}",
+                    (p["minutes"], p["test_accuracy"]),
+                    fontsize=7,
+                    xytext=(4, -10),
+                    textcoords="offset points",
+                )
         ax.margins(0.15)  # room for the point labels
         ax.set_title(f"{size:,} training images")
         ax.set_xlabel("wall time, minutes (2-core CPU)")
@@ -98,7 +105,9 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m tlkeras.frontier", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders")
-    parser.add_argument("--out", type=Path, default=Path("frontier.png"), help="the PNG to write (default ./frontier.png)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("frontier.png"), help="the PNG to write (default ./frontier.png)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
 
@@ -115,11 +124,17 @@ def main(argv: list[str] | None = None) -> int:
         print("| base | train images | input px | unfreeze | ft epochs | minutes | test accuracy | run |")
         print("|---|---|---|---|---|---|---|---|")
         for p in sorted(points, key=lambda p: (p["train_images"], p["backbone"], p["minutes"])):
-            print(f"| {p['backbone']} | {p['train_images']} | {p['image_size']} | {p['unfreeze']} | "
-                  f"{p['finetune_epochs']} | {p['minutes']} | {p['test_accuracy']:.4f} | {p['run']} |")  # fmt: skip
+            print(
+                f"| {p['backbone']} | {p['train_images']} | {p['image_size']} | {p['unfreeze']} | "
+                f"{p['finetune_epochs']} | {p['minutes']} | {p['test_accuracy']:.4f} | {p['run']} |"
+            )
         if len({p["dataset"] for p in points}) > 1:
-            print(f"warning: these runs trained on different datasets ({', '.join(sorted({p['dataset'] for p in points}))}); "
-                  f"their accuracies are not comparable", file=sys.stderr)  # fmt: skip
+            print(
+                "warning: these runs trained on different datasets "
+                f"({', '.join(sorted({p['dataset'] for p in points}))}); "
+                f"their accuracies are not comparable",
+                file=sys.stderr,
+            )
         try:
             plot(points, args.out)
         except OSError as e:

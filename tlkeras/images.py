@@ -109,13 +109,13 @@ def _looks_like_text(data: bytes) -> bool:
 def _too_big(name: str, size: int, limit: int = MAX_IMAGE_BYTES) -> ImageError:
     mib = f"{limit // 2**20} MiB"
     return ImageError(
-        f"'{name}': file is {size / 2**20:.1f} MiB, over the {mib} limit; "
-        f"downscale or re-encode it below {mib}"
+        f"'{name}': file is {size / 2**20:.1f} MiB, over the {mib} limit; downscale or re-encode it below {mib}"
     )
 
 
-def decode_bytes(data: bytes, name: str = "image", max_bytes: int = MAX_IMAGE_BYTES,
-                 max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:  # fmt: skip
+def decode_bytes(
+    data: bytes, name: str = "image", max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """An encoded JPEG/PNG/BMP/GIF file -> uint8 RGB pixels [H, W, 3], upright, opaque.
 
     Checks, in order (each an ImageError `'<name>': <reason>; <fix>` on one line): empty;
@@ -194,8 +194,9 @@ def composite_over_background(rgba: np.ndarray) -> np.ndarray:
     return np.round((rgb * alpha + background * (255 - alpha)) / 255).astype(np.uint8)
 
 
-def decode_file(path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES,
-                max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:  # fmt: skip
+def decode_file(
+    path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """decode_bytes on a file's contents: uint8 RGB [H, W, 3].
 
     The size is checked with stat() before anything is read, and the read is bounded, so
@@ -313,8 +314,7 @@ def decode_in_graph(data: tf.Tensor, size: int) -> tf.Tensor:
     data = tf.convert_to_tensor(data, tf.string)
     length = tf.strings.length(data)
     starts = [
-        tf.reduce_any([tf.equal(tf.strings.substr(data, 0, len(m)), m) for m in _MAGIC[fmt]])
-        for fmt in _GRAPH_ORDER
+        tf.reduce_any([tf.equal(tf.strings.substr(data, 0, len(m)), m) for m in _MAGIC[fmt]]) for fmt in _GRAPH_ORDER
     ]
     kind = tf.argmax(tf.cast(starts, tf.int32), output_type=tf.int32)  # 0 (JPEG) if none
     is_bmp = tf.equal(kind, _GRAPH_ORDER.index("BMP"))
@@ -325,11 +325,16 @@ def decode_in_graph(data: tf.Tensor, size: int) -> tf.Tensor:
 
     # Explicit dependencies: inside map_fn's loop nothing else orders the checks, and each
     # check guards the bytes the next one reads (substr past the end is an internal error).
-    with tf.control_dependencies([
-        fail_unless(length <= MAX_IMAGE_BYTES,
-                    f"image is over {_MIB} ({{}} bytes); downscale or re-encode it below {_MIB}", length),
-        fail_unless(length > 0, "image is empty (0 bytes)"),
-    ]):  # fmt: skip
+    with tf.control_dependencies(
+        [
+            fail_unless(
+                length <= MAX_IMAGE_BYTES,
+                f"image is over {_MIB} ({{}} bytes); downscale or re-encode it below {_MIB}",
+                length,
+            ),
+            fail_unless(length > 0, "image is empty (0 bytes)"),
+        ]
+    ):
         known = fail_unless(tf.reduce_any(starts), f"image is not a {_ONE_OF} file")
     with tf.control_dependencies([known]):
         header_bytes = tf.gather([_HEADER_BYTES[fmt] for fmt in _GRAPH_ORDER], kind)
@@ -343,19 +348,24 @@ def decode_in_graph(data: tf.Tensor, size: int) -> tf.Tensor:
         width, height = tf.switch_case(kind, [lambda read=read: read(data) for read in readers])
         small = fail_unless(
             width * height <= MAX_IMAGE_PIXELS,
-            f"image is {{}}x{{}} pixels, over the {_SIDE}x{_SIDE} limit; downscale it", width, height,
-        )  # fmt: skip
+            f"image is {{}}x{{}} pixels, over the {_SIDE}x{_SIDE} limit; downscale it",
+            width,
+            height,
+        )
     with tf.control_dependencies([bmp_ok, small]):
-        image = tf.switch_case(kind, [  # in _GRAPH_ORDER
-            # INTEGER_ACCURATE is libjpeg's ISLOW IDCT, Pillow's: the same bytes as
-            # decode_bytes. TF's default (IFAST) differs by up to 8 levels.
-            lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
-            # 4 channels: TF applies palette and single-colour tRNS as alpha (measured)
-            lambda: composite_in_graph(tf.io.decode_png(data, channels=4)),
-            # The first frame only, without decoding every frame into memory as decode_gif does
-            lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
-            lambda: tf.io.decode_bmp(data, channels=3),  # the 4th byte of 32-bit BMP dropped
-        ])  # fmt: skip
+        image = tf.switch_case(
+            kind,
+            [  # in _GRAPH_ORDER
+                # INTEGER_ACCURATE is libjpeg's ISLOW IDCT, Pillow's: the same bytes as
+                # decode_bytes. TF's default (IFAST) differs by up to 8 levels.
+                lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+                # 4 channels: TF applies palette and single-colour tRNS as alpha (measured)
+                lambda: composite_in_graph(tf.io.decode_png(data, channels=4)),
+                # The first frame only, without decoding every frame into memory as decode_gif does
+                lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+                lambda: tf.io.decode_bmp(data, channels=3),  # the 4th byte of 32-bit BMP dropped
+            ],
+        )
     image.set_shape((None, None, 3))
     return fit_square(image, size)
 
@@ -423,5 +433,7 @@ def readable_error(e: tf.errors.InvalidArgumentError) -> str:
         return found.group(1) or found.group(2)
     lines = [line.strip() for line in _TF_NOISE.sub("", e.message).splitlines()]
     # Graph errors quote the Python stack ("Detected at node ...", "File ...") before the reason.
-    reasons = [line for line in lines if line and not line.startswith(("Graph execution error", "Detected at", "File "))]
+    reasons = [
+        line for line in lines if line and not line.startswith(("Graph execution error", "Detected at", "File "))
+    ]
     return f"image data is corrupt or truncated ({reasons[0] if reasons else 'no reason given'})"

@@ -77,16 +77,20 @@ class Backbone:
 # Each base layer is named after its key, so a model says which base it holds.
 BACKBONES = {
     "vgg16": Backbone(
-        keras.applications.VGG16, VGG16Preprocess, *BASE_LAYERS["vgg16"],
+        keras.applications.VGG16,
+        VGG16Preprocess,
+        *BASE_LAYERS["vgg16"],
         features=512,
         weights_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
     ),
     "mobilenet_v2": Backbone(
-        keras.applications.MobileNetV2, MobileNetV2Preprocess, *BASE_LAYERS["mobilenet_v2"],
+        keras.applications.MobileNetV2,
+        MobileNetV2Preprocess,
+        *BASE_LAYERS["mobilenet_v2"],
         features=1280,
         weights_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
     ),
-}  # fmt: skip
+}
 
 
 def resolve_weights(weights: str | None, backbone: Backbone) -> str | None:
@@ -158,9 +162,7 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, load_weights: bool = True) 
     x = keras.layers.Dense(cfg.head_units, activation="relu", name="head_dense")(x)
     x = keras.layers.Dropout(cfg.dropout, name="head_dropout")(x)
     # float32 output even under mixed precision: a stable softmax and a stable export.
-    outputs = keras.layers.Dense(
-        info.num_classes, activation="softmax", dtype="float32", name="probabilities"
-    )(x)
+    outputs = keras.layers.Dense(info.num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, outputs, name=f"tlkeras_{cfg.backbone}")
 
 

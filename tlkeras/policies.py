@@ -65,7 +65,11 @@ def tf_config_problem(text: str) -> str | None:
     if not isinstance(cluster, dict) or not cluster:
         return f"has no 'cluster' of task types and addresses, e.g. {example}"
     for kind, addresses in cluster.items():
-        if not isinstance(addresses, list) or not addresses or not all(isinstance(a, str) and ":" in a for a in addresses):
+        if (
+            not isinstance(addresses, list)
+            or not addresses
+            or not all(isinstance(a, str) and ":" in a for a in addresses)
+        ):
             return f"cluster.{kind} must be a list of 'host:port' addresses, not {addresses!r}"
     if not isinstance(task, dict) or "type" not in task or "index" not in task:
         return f"has no 'task' with a 'type' and an 'index', e.g. {example}"
@@ -116,12 +120,15 @@ def _mobilenet_v2_layers() -> tuple[str, ...]:
 # with keras.applications.
 BASE_LAYERS = {
     "vgg16": (
-        tuple(f"block{b}_{kind}" for b, convs in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
-              for kind in [f"conv{i}" for i in range(1, convs + 1)] + ["pool"]),
+        tuple(
+            f"block{b}_{kind}"
+            for b, convs in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
+            for kind in [f"conv{i}" for i in range(1, convs + 1)] + ["pool"]
+        ),
         ("block1", "block2", "block3", "block4", "block5"),
     ),
     "mobilenet_v2": (_mobilenet_v2_layers(), (*(f"block_{b}" for b in range(1, 17)), "Conv_1")),
-}  # fmt: skip
+}
 BASE_LABELS = {"vgg16": "VGG16", "mobilenet_v2": "MobileNetV2"}
 
 

@@ -114,8 +114,14 @@ def open_savedmodel(model: str) -> Runner:
     specs = fn.structured_input_signature[1] if fn is not None else {}
     spec = specs.get("images")
     shape = spec.shape.as_list() if spec is not None else []
-    if (spec is None or spec.dtype != tf.uint8 or len(shape) != 4 or shape[1] != shape[2]
-            or shape[3] != 3 or "class_names" not in fn.structured_outputs):  # fmt: skip
+    if (
+        spec is None
+        or spec.dtype != tf.uint8
+        or len(shape) != 4
+        or shape[1] != shape[2]
+        or shape[3] != 3
+        or "class_names" not in fn.structured_outputs
+    ):
         raise wrong_contract(model, ", ".join(f"{k}: {v.dtype.name} {v.shape}" for k, v in specs.items()))
 
     def run(images):
@@ -130,8 +136,10 @@ def open_onnx(model: str) -> Runner:
 
     path = onnx_file(model)
     if path is None or not path.is_file():
-        raise UserError(f"--model {model}: no such ONNX file (pass a model.onnx, or its folder "
-                        f"such as runs/<run>/export/onnx/tlkeras)")  # fmt: skip
+        raise UserError(
+            f"--model {model}: no such ONNX file (pass a model.onnx, or its folder "
+            f"such as runs/<run>/export/onnx/tlkeras)"
+        )
     try:
         session = onnx_session(path)
     except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf kinds
@@ -139,8 +147,14 @@ def open_onnx(model: str) -> Runner:
     inputs = session.get_inputs()
     meta = session.get_modelmeta().custom_metadata_map
     shape = inputs[0].shape if len(inputs) == 1 else []
-    if (len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(uint8)"
-            or len(shape) != 4 or not isinstance(shape[1], int) or "class_names" not in meta):  # fmt: skip
+    if (
+        len(inputs) != 1
+        or inputs[0].name != "images"
+        or inputs[0].type != "tensor(uint8)"
+        or len(shape) != 4
+        or not isinstance(shape[1], int)
+        or "class_names" not in meta
+    ):
         raise wrong_contract(model, ", ".join(f"{i.name}: {i.type} {i.shape}" for i in inputs))
     names = tuple(json.loads(meta["class_names"]))
     width = session.get_outputs()[0].shape[-1]
@@ -182,8 +196,7 @@ def open_model(model: str, backend: str | None = None) -> Runner:
     return opener[backend or detect_backend(model)](model)
 
 
-def predict(model: str, images: list[np.ndarray], backend: str | None = None
-            ) -> tuple[np.ndarray, tuple[str, ...]]:  # fmt: skip
+def predict(model: str, images: list[np.ndarray], backend: str | None = None) -> tuple[np.ndarray, tuple[str, ...]]:
     """(probabilities float32 [n, C], class names) for decoded uint8 [H, W, 3] images."""
     size, run = open_model(model, backend)
     return run(fit_batch(images, size))
@@ -197,8 +210,7 @@ def top_k(probabilities: np.ndarray, names: tuple[str, ...], k: int) -> list[lis
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m tlkeras.predict", description=__doc__.split("\n")[0])
     parser.add_argument("images", nargs="+", help="JPEG, PNG, BMP or GIF files, any size")
-    parser.add_argument("--model", required=True,
-                        help="SavedModel folder, .onnx file, REST URL or grpc host:port/name")  # fmt: skip
+    parser.add_argument("--model", required=True, help="SavedModel folder, .onnx file, REST URL or grpc host:port/name")
     parser.add_argument("--backend", choices=BACKENDS, help="default: guessed from --model")
     parser.add_argument("--top-k", type=int, default=3, help="classes to show per image (at most all)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors and library logs")

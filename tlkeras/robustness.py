@@ -114,9 +114,17 @@ def pixel_logits(model: keras.Model, pixels: tf.Tensor, training: bool = False) 
     return tf.matmul(tf.cast(x, head.kernel.dtype), head.kernel) + head.bias
 
 
-def attack(model: keras.Model, images, labels, epsilon: float, steps: int = PGD_STEPS,
-           step_size: float | None = None, random_start: bool = True, seed: int = 0,
-           training: bool = False) -> tf.Tensor:  # fmt: skip
+def attack(
+    model: keras.Model,
+    images,
+    labels,
+    epsilon: float,
+    steps: int = PGD_STEPS,
+    step_size: float | None = None,
+    random_start: bool = True,
+    seed: int = 0,
+    training: bool = False,
+) -> tf.Tensor:
     """L-infinity attack in pixel space: PGD by default (10 steps of 2.5 epsilon / 10 from
     a uniform random start; Madry et al. 2018); steps=1, step_size=epsilon, no random start
     is FGSM (Goodfellow et al. 2015); steps=1 with a random start and step 1.25 epsilon is
@@ -139,9 +147,7 @@ def attack(model: keras.Model, images, labels, epsilon: float, steps: int = PGD_
         with tf.GradientTape() as tape:
             tape.watch(delta)
             logits = pixel_logits(model, x0 + delta, training)
-            loss = tf.reduce_sum(
-                tf.nn.sparse_softmax_cross_entropy_with_logits(labels, tf.cast(logits, tf.float32))
-            )
+            loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, tf.cast(logits, tf.float32)))
         grad = tape.gradient(loss, delta)
         delta = tf.clip_by_value(delta + step * tf.sign(grad), -epsilon, epsilon)
         delta = tf.clip_by_value(x0 + delta, 0.0, 255.0) - x0
@@ -165,8 +171,9 @@ class RobustAccuracy:
             return tf.argmax(pixel_logits(model, adv), axis=1)
 
         self._predict = predict
-        self._classify = tf.function(lambda x: tf.argmax(pixel_logits(model, tf.cast(x, tf.float32)), axis=1),
-                                     reduce_retracing=True)  # epsilon 0: no attack, no gradients
+        self._classify = tf.function(
+            lambda x: tf.argmax(pixel_logits(model, tf.cast(x, tf.float32)), axis=1), reduce_retracing=True
+        )  # epsilon 0: no attack, no gradients
 
     def __call__(self, images: np.ndarray, labels: np.ndarray, epsilon: float, seed: int = 0) -> float:
         return float(self.correct(images, labels, epsilon, seed).mean()) if len(images) else 0.0
@@ -175,17 +182,22 @@ class RobustAccuracy:
         """bool [n]: whether each image is still classified right after the attack."""
         out = []
         for i in range(0, len(images), self.batch_size):
-            x, y = images[i:i + self.batch_size], labels[i:i + self.batch_size]
+            x, y = images[i : i + self.batch_size], labels[i : i + self.batch_size]
             if epsilon == 0:
                 pred = self._classify(tf.constant(x))
             else:
-                pred = self._predict(tf.constant(x), tf.constant(y, tf.int64), tf.constant(float(epsilon)),
-                                     tf.constant(seed + i, tf.int64))  # fmt: skip
+                pred = self._predict(
+                    tf.constant(x),
+                    tf.constant(y, tf.int64),
+                    tf.constant(float(epsilon)),
+                    tf.constant(seed + i, tf.int64),
+                )
             out.append(pred.numpy() == y)
         return np.concatenate(out) if out else np.zeros(0, bool)
 
-    def cascade(self, images: np.ndarray, labels: np.ndarray, epsilons, seed: int = 0,
-                clean: np.ndarray | None = None) -> dict[float, float]:  # fmt: skip
+    def cascade(
+        self, images: np.ndarray, labels: np.ndarray, epsilons, seed: int = 0, clean: np.ndarray | None = None
+    ) -> dict[float, float]:
         """Robust accuracy at each budget of `epsilons` (ascending), attacking at each only
         the images that survived every smaller one (and the clean pass): an adversarial
         image found inside a smaller ball lies inside the larger, so an image broken at 2/255
@@ -205,8 +217,15 @@ class RobustAccuracy:
         return out
 
 
-def robust_accuracy(model: keras.Model, images: np.ndarray, labels: np.ndarray, epsilon: float,
-                    steps: int = PGD_STEPS, fgsm: bool = False, seed: int = 0) -> float:  # fmt: skip
+def robust_accuracy(
+    model: keras.Model,
+    images: np.ndarray,
+    labels: np.ndarray,
+    epsilon: float,
+    steps: int = PGD_STEPS,
+    fgsm: bool = False,
+    seed: int = 0,
+) -> float:
     """RobustAccuracy for one budget (traces its graph on every call)."""
     return RobustAccuracy(model, steps, fgsm)(images, labels, epsilon, seed)
 
@@ -240,8 +259,7 @@ class AdversarialFinetune(keras.Model):
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         seed = tf.cast(self.optimizer.iterations, tf.int64)  # a new start every step, reproducible
-        adv = attack(self.classifier, x, y, self.epsilon, steps=1, step_size=self.step_size,
-                     seed=seed, training=True)  # fmt: skip
+        adv = attack(self.classifier, x, y, self.epsilon, steps=1, step_size=self.step_size, seed=seed, training=True)
         adv = tf.stop_gradient(adv)
         return super().train_step((adv, y) if sample_weight is None else (adv, y, sample_weight))
 
@@ -259,8 +277,16 @@ class RobustAccuracyCheck(keras.callbacks.Callback):
 
     KEY = "val_robust_accuracy"
 
-    def __init__(self, classifier: keras.Model, images: np.ndarray, labels: np.ndarray,
-                 epsilon: float, history: dict[int, float], on_record=None, seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        classifier: keras.Model,
+        images: np.ndarray,
+        labels: np.ndarray,
+        epsilon: float,
+        history: dict[int, float],
+        on_record=None,
+        seed: int = 0,
+    ):
         super().__init__()
         self.measure, self.images, self.labels = RobustAccuracy(classifier), images, labels
         self.epsilon, self.history, self.on_record, self.seed = epsilon, history, on_record, seed
@@ -270,11 +296,21 @@ class RobustAccuracyCheck(keras.callbacks.Callback):
         accuracy = self.measure.cascade(self.images, self.labels, [self.epsilon], self.seed)[self.epsilon]
         best = max(self.history.values(), default=0.0)
         log = logging.getLogger("tlkeras")
-        log.info("finetune: epoch %d PGD-%d accuracy at %g/255 on %d val images: %.4f",
-                 epoch + 1, PGD_STEPS, self.epsilon, len(self.labels), accuracy)  # fmt: skip
+        log.info(
+            "finetune: epoch %d PGD-%d accuracy at %g/255 on %d val images: %.4f",
+            epoch + 1,
+            PGD_STEPS,
+            self.epsilon,
+            len(self.labels),
+            accuracy,
+        )
         if accuracy < best / 2:
-            log.warning("finetune: robust accuracy fell from %.4f to %.4f: catastrophic overfitting "
-                        "(Wong et al. 2020); the best robust epoch is kept", best, accuracy)  # fmt: skip
+            log.warning(
+                "finetune: robust accuracy fell from %.4f to %.4f: catastrophic overfitting "
+                "(Wong et al. 2020); the best robust epoch is kept",
+                best,
+                accuracy,
+            )
         self.history[epoch] = accuracy
         if logs is not None:
             logs[self.KEY] = accuracy

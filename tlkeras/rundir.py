@@ -1,17 +1,17 @@
 """The run folder: what is written first, how a rerun resumes, atomic writes.
 
-    runs/<timestamp>-<name>/
-      config.yaml  environment.json  train.log       written first / appended
-      dataset.json                                   DatasetInfo: class names, storage size, counts
-      metrics.csv  tensorboard/                      one epoch axis across both phases
-      checkpoints/{head,finetune}_best.weights.h5    best by validation accuracy
-      checkpoints/{head,finetune}.json               a phase's record; marks it finished
-      backup/<phase>/                                BackupAndRestore state while a phase runs
-      features/                                      phase 1's frozen-base features, verified on reuse
-      checkpoints/finetune_robust.json               adversarial fine-tuning: PGD val accuracy per epoch
-      model.keras  confusion_matrix.png  summary.json    summary.json marks the run finished
-      report.json  reliability.png  misclassified.png    the trust report (tlkeras.evaluate)
-      .lock                                          held by the one process writing the folder
+runs/<timestamp>-<name>/
+  config.yaml  environment.json  train.log       written first / appended
+  dataset.json                                   DatasetInfo: class names, storage size, counts
+  metrics.csv  tensorboard/                      one epoch axis across both phases
+  checkpoints/{head,finetune}_best.weights.h5    best by validation accuracy
+  checkpoints/{head,finetune}.json               a phase's record; marks it finished
+  backup/<phase>/                                BackupAndRestore state while a phase runs
+  features/                                      phase 1's frozen-base features, verified on reuse
+  checkpoints/finetune_robust.json               adversarial fine-tuning: PGD val accuracy per epoch
+  model.keras  confusion_matrix.png  summary.json    summary.json marks the run finished
+  report.json  reliability.png  misclassified.png    the trust report (tlkeras.evaluate)
+  .lock                                          held by the one process writing the folder
 """
 
 from __future__ import annotations
@@ -58,9 +58,7 @@ def prepare(run_dir: Path, cfg: Config, argv: list[str]) -> bool:
         with tempfile.NamedTemporaryFile(dir=run_dir):
             pass
     except OSError as e:
-        raise UserError(
-            f"run folder '{run_dir}' is not writable ({e.strerror}); pass a writable --run-dir"
-        ) from None
+        raise UserError(f"run folder '{run_dir}' is not writable ({e.strerror}); pass a writable --run-dir") from None
     config_file = run_dir / "config.yaml"
     if (run_dir / METRICS).exists():  # an epoch has finished: only the same config resumes
         _check_same_config(config_file, cfg)
@@ -135,8 +133,10 @@ def load_dataset(run_dir: Path):
     try:
         return DatasetInfo.from_dict(d)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise UserError(f"'{run_dir / DATASET}' is damaged ({type(e).__name__}: {e}); restore it, "
-                        f"or train again with a new --run-dir") from None  # fmt: skip
+        raise UserError(
+            f"'{run_dir / DATASET}' is damaged ({type(e).__name__}: {e}); restore it, "
+            f"or train again with a new --run-dir"
+        ) from None
 
 
 STARTUP_FILES = {LOCK, "config.yaml", "environment.json", "train.log", DATASET}
@@ -225,8 +225,9 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise UserError(f"'{path}' is not valid JSON ({e}): the file is damaged; restore it, "
-                        f"or train again with a new --run-dir") from None  # fmt: skip
+        raise UserError(
+            f"'{path}' is not valid JSON ({e}): the file is damaged; restore it, or train again with a new --run-dir"
+        ) from None
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:

@@ -79,8 +79,9 @@ def _rest_call(url: str, data: bytes | None, timeout: float) -> dict:
         ) from None
 
 
-def predict_rest(url: str, images=None, image_bytes=None, form: str = "instances",
-                 timeout: float = TIMEOUT_S) -> dict[str, np.ndarray]:  # fmt: skip
+def predict_rest(
+    url: str, images=None, image_bytes=None, form: str = "instances", timeout: float = TIMEOUT_S
+) -> dict[str, np.ndarray]:
     """POSTs to <url>:predict, url being http://host:8501/v1/models/<name>[/versions/<n>]."""
     data = json.dumps(rest_request(images, image_bytes, form)).encode()
     return parse_rest_response(_rest_call(url.rstrip("/") + ":predict", data, timeout))
@@ -139,8 +140,9 @@ def input_size_grpc(target: str, name: str, timeout: float = TIMEOUT_S) -> int:
     return _input_size(as_json.get("signature_def", {}), f"{target}/{name}")
 
 
-def predict_grpc(target: str, name: str, images=None, image_bytes=None,
-                 timeout: float = TIMEOUT_S) -> dict[str, np.ndarray]:  # fmt: skip
+def predict_grpc(
+    target: str, name: str, images=None, image_bytes=None, timeout: float = TIMEOUT_S
+) -> dict[str, np.ndarray]:
     """PredictionService.Predict on host:port (TF Serving's gRPC port is 8500)."""
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2

@@ -20,8 +20,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m tlkeras.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="YAML file listing settings that differ from the defaults")
     parser.add_argument("--run-dir", type=Path, help="run folder (default runs/<time>-<name>)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set head.epochs=3 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set head.epochs=3 (repeatable)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser.parse_args(argv)
 

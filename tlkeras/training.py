@@ -39,12 +39,19 @@ from tlkeras.errors import UserError, writing
 from tlkeras.evaluate import dataset_logits, logits_function, to_arrays, trust_report, val_temperature
 from tlkeras.export import export_model
 from tlkeras.model import build_model, set_finetune_trainable, split_at_features
-from tlkeras.robustness import FGSM_RS_STEP_FACTOR, PGD_STEPS, AdversarialFinetune, RobustAccuracyCheck
 from tlkeras.policies import (
-    balanced_class_weights, choose_precision, final_phase, choose_strategy, is_chief, per_replica_batch,
-    read_cpu_flags, steps_per_epoch, warmup_steps,
-)  # fmt: skip
+    balanced_class_weights,
+    choose_precision,
+    choose_strategy,
+    final_phase,
+    is_chief,
+    per_replica_batch,
+    read_cpu_flags,
+    steps_per_epoch,
+    warmup_steps,
+)
 from tlkeras.resume import GracefulStop, StepBackup, state_bytes
+from tlkeras.robustness import FGSM_RS_STEP_FACTOR, PGD_STEPS, AdversarialFinetune, RobustAccuracyCheck
 
 log = logging.getLogger("tlkeras")
 PHASES = ("head", "finetune")
@@ -115,8 +122,12 @@ def peer_watchdog(timeout_s: float, peers: list[str]):
     will happen is logged before the wait."""
     import faulthandler
 
-    log.info("waiting for the other workers (%s); if they do not all answer within %.0f s "
-             "(runtime.peer_timeout_s) this worker exits with status 1", ", ".join(peers), timeout_s)  # fmt: skip
+    log.info(
+        "waiting for the other workers (%s); if they do not all answer within %.0f s "
+        "(runtime.peer_timeout_s) this worker exits with status 1",
+        ", ".join(peers),
+        timeout_s,
+    )
     with open(os.devnull, "w") as devnull:  # the timer's thread dump is noise here
         faulthandler.dump_traceback_later(timeout_s, exit=True, file=devnull)
         try:
@@ -138,8 +149,12 @@ def _drop_unreadable_backup(backup_dir: Path, phase: str) -> None:
         with h5py.File(latest, "r"):
             return
     except OSError:
-        log.warning("%s: the backup %s is unreadable (damaged, or cut by an older tlkeras); "
-                    "the phase restarts from its first epoch", phase, latest)  # fmt: skip
+        log.warning(
+            "%s: the backup %s is unreadable (damaged, or cut by an older tlkeras); "
+            "the phase restarts from its first epoch",
+            phase,
+            latest,
+        )
         shutil.rmtree(backup_dir)
 
 
@@ -201,7 +216,7 @@ class WholeModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
 def compute_features(
     extractor: keras.Model, images: tf.data.Dataset, flip: bool = False
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+) -> tuple[np.ndarray, np.ndarray]:
     """(pooled features as float32, labels) for every batch, in order."""
     forward = tf.function(lambda x: extractor(tf.image.flip_left_right(x) if flip else x, training=False))
     feats, labels = [], []
@@ -219,8 +234,13 @@ def features_fingerprint(cfg: Config, info: DatasetInfo) -> str:
         stat = Path(weights).expanduser().stat()
         weights = f"{Path(weights).expanduser().resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("batch_size", "shuffle_buffer")}
-    key = {"model": {**dataclasses.asdict(cfg.model), "weights": weights}, "data": data, "seed": cfg.seed,
-           "dataset": info.to_dict(), "precision": keras.mixed_precision.global_policy().name}  # fmt: skip
+    key = {
+        "model": {**dataclasses.asdict(cfg.model), "weights": weights},
+        "data": data,
+        "seed": cfg.seed,
+        "dataset": info.to_dict(),
+        "precision": keras.mixed_precision.global_policy().name,
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -260,7 +280,7 @@ def load_or_compute_features(folder: Path, part: str, fingerprint: str, compute)
 
 def cached_feature_data(
     extractor: keras.Model, cfg: Config, splits: Splits, run_dir: Path
-) -> tuple[Any, tf.data.Dataset, float]:  # fmt: skip
+) -> tuple[Any, tf.data.Dataset, float]:
     """Phase 1's train epochs (`data.feature_epochs`) and val set as features of the frozen
     base, computed once; each part is kept in run_dir/features/ and reused by a resumed run."""
     start = time.perf_counter()
@@ -282,8 +302,13 @@ def cached_feature_data(
     images = len(labels) * (2 if mirror else 1) + len(val_labels)
     what = "train, mirrored train, val" if mirror else "train, val"
     if computed:
-        log.info("head: features of %d images (%s) in %.0f s, %.0f images/s; cached for every epoch",
-                 images, what, seconds, images / seconds)  # fmt: skip
+        log.info(
+            "head: features of %d images (%s) in %.0f s, %.0f images/s; cached for every epoch",
+            images,
+            what,
+            seconds,
+            images / seconds,
+        )
     else:
         log.info("head: features of %d images (%s) reused from %s", images, what, folder)
     train = feature_epochs(features, labels, cfg.data.batch_size, cfg.seed, flipped)
@@ -292,10 +317,16 @@ def cached_feature_data(
 
 
 def fit_phase(
-    phase: str, cfg: Config, strategy: tf.distribute.Strategy, splits: Splits,
-    run_dir: Path, first_epoch: int, epochs: int, init_weights: Path | None,
+    phase: str,
+    cfg: Config,
+    strategy: tf.distribute.Strategy,
+    splits: Splits,
+    run_dir: Path,
+    first_epoch: int,
+    epochs: int,
+    init_weights: Path | None,
     stop: GracefulStop | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Trains one phase (resuming its backup if any, mid-epoch) and returns its record."""
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
@@ -338,27 +369,53 @@ def fit_phase(
         best_path.unlink()
         best_so_far = None
     if resume_at > first_epoch or skip:
-        log.info("%s: resuming at epoch %d%s (best %s so far %s)", phase, resume_at + 1,
-                 f", step {skip + 1} of {steps}" if skip else "", monitor, best_so_far)  # fmt: skip
+        log.info(
+            "%s: resuming at epoch %d%s (best %s so far %s)",
+            phase,
+            resume_at + 1,
+            f", step {skip + 1} of {steps}" if skip else "",
+            monitor,
+            best_so_far,
+        )
     trainable = sum(int(np.prod(v.shape)) for v in trained.trainable_weights)
-    log.info("%s: epochs %d-%d, %d trainable parameters, %d steps/epoch, %d replica(s)",
-             phase, first_epoch + 1, first_epoch + epochs, trainable, steps,
-             strategy.num_replicas_in_sync)  # fmt: skip
+    log.info(
+        "%s: epochs %d-%d, %d trainable parameters, %d steps/epoch, %d replica(s)",
+        phase,
+        first_epoch + 1,
+        first_epoch + epochs,
+        trainable,
+        steps,
+        strategy.num_replicas_in_sync,
+    )
 
     guard = []
     if adversarial:  # after CSVLogger: metrics.csv keeps the same columns in both phases
         n = cfg.finetune.robust_check_images
         images, labels = to_arrays(splits.val, n)
-        guard = [RobustAccuracyCheck(model, images, labels, cfg.finetune.epsilon, robust,
-                                     lambda h: rundir.write_json(robust_path, h), seed=cfg.seed)]  # fmt: skip
+        guard = [
+            RobustAccuracyCheck(
+                model,
+                images,
+                labels,
+                cfg.finetune.epsilon,
+                robust,
+                lambda h: rundir.write_json(robust_path, h),
+                seed=cfg.seed,
+            )
+        ]
     callbacks = [
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.CSVLogger(str(run_dir / rundir.METRICS), append=True),
         *guard,
         WholeModelCheckpoint(
-            model, str(best_path), monitor=monitor, mode="max", save_best_only=True,
-            save_weights_only=True, initial_value_threshold=best_so_far,
-        ),  # fmt: skip
+            model,
+            str(best_path),
+            monitor=monitor,
+            mode="max",
+            save_best_only=True,
+            save_weights_only=True,
+            initial_value_threshold=best_so_far,
+        ),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
         # Last: an epoch counts as done only after its metrics row and best checkpoint
         # are written. Kept after fit until the phase record exists, so no kill loses the phase.
@@ -380,10 +437,16 @@ def fit_phase(
             continue
         with read_errors(cfg.data), writing(run_dir, "checkpoints, backups and metrics"):
             history = trained.fit(
-                train_epochs(begin, until, skipped), steps_per_epoch=steps - skipped,
-                validation_data=val, initial_epoch=begin, epochs=until, class_weight=weights,
-                callbacks=callbacks, shuffle=False, verbose=1 if sys.stdout.isatty() else 2,
-            )  # fmt: skip
+                train_epochs(begin, until, skipped),
+                steps_per_epoch=steps - skipped,
+                validation_data=val,
+                initial_epoch=begin,
+                epochs=until,
+                class_weight=weights,
+                callbacks=callbacks,
+                shuffle=False,
+                verbose=1 if sys.stdout.isatty() else 2,
+            )
         losses += history.history.get("loss", [])
         last_epoch = history.epoch[-1] if history.epoch else last_epoch
     wall = time.perf_counter() - start
@@ -423,11 +486,13 @@ def fit_phase(
         record["feature_extraction_s"] = round(features_s, 1)
     if adversarial:
         record["adversarial"] = {
-            "method": "FGSM with random start (Wong et al. 2020)", "epsilon": cfg.finetune.epsilon,
-            "step_size": step, "val_robust_accuracy": best[monitor],
+            "method": "FGSM with random start (Wong et al. 2020)",
+            "epsilon": cfg.finetune.epsilon,
+            "step_size": step,
+            "val_robust_accuracy": best[monitor],
             "robust_check": f"PGD-{PGD_STEPS} at {cfg.finetune.epsilon:g}/255 on {len(guard[0].labels)} val images",
             "val_robust_accuracy_per_epoch": {str(k + 1): v for k, v in sorted(robust.items())},
-        }  # fmt: skip
+        }
     rundir.write_json(ckpt_dir / f"{phase}.json", record)
     shutil.rmtree(backup_dir, ignore_errors=True)
     shutil.rmtree(run_dir / "features", ignore_errors=True)  # phase 1 is never redone now
@@ -440,8 +505,10 @@ def evaluate(preds: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]
     order) of predicted classes `preds` int [n] against `labels` int [n]."""
     matrix = tf.math.confusion_matrix(labels, preds, num_classes=len(class_names)).numpy()
     counts = matrix.sum(axis=1)
-    per_class = [round(float(c / n), 4) if n else None  # None: no test image of that class
-                 for c, n in zip(matrix.diagonal(), counts)]  # fmt: skip
+    per_class = [
+        round(float(c / n), 4) if n else None  # None: no test image of that class
+        for c, n in zip(matrix.diagonal(), counts)
+    ]
     return {
         "test_accuracy": float((preds == labels).mean()),
         "test_examples": int(labels.size),
@@ -450,8 +517,7 @@ def evaluate(preds: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]
     }
 
 
-def save_confusion_png(matrix: list[list[int]], class_names: tuple[str, ...], title: str,
-                       path: Path) -> None:  # fmt: skip
+def save_confusion_png(matrix: list[list[int]], class_names: tuple[str, ...], title: str, path: Path) -> None:
     """Row-normalised confusion matrix; counts in the cells up to 20 classes, and a figure
     that grows with the class count so 100+ names stay legible."""
     import matplotlib
@@ -466,11 +532,19 @@ def save_confusion_png(matrix: list[list[int]], class_names: tuple[str, ...], ti
     ax.imshow(m / np.maximum(m.sum(axis=1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
     if k <= 20:
         for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                    color="white" if v > m.sum(axis=1)[i] / 2 else "black")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                str(v),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if v > m.sum(axis=1)[i] / 2 else "black",
+            )
     font = 9 if k <= 20 else 6
-    ax.set_xticks(range(k), class_names, rotation=90 if k > 20 else 45, ha="center" if k > 20 else "right",
-                  fontsize=font)  # fmt: skip
+    ax.set_xticks(
+        range(k), class_names, rotation=90 if k > 20 else 45, ha="center" if k > 20 else "right", fontsize=font
+    )
     ax.set_yticks(range(k), class_names, fontsize=font)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
@@ -535,8 +609,15 @@ def weights_fingerprint(model: keras.Model) -> str:
     return digest.hexdigest()[:16]
 
 
-def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: bool,
-           resuming: bool, start: float, stop: GracefulStop | None = None) -> dict[str, Any]:  # fmt: skip
+def _train(
+    cfg: Config,
+    strategy: tf.distribute.Strategy,
+    run_dir: Path,
+    chief: bool,
+    resuming: bool,
+    start: float,
+    stop: GracefulStop | None = None,
+) -> dict[str, Any]:
     log.info("%s run in %s", "resuming" if resuming else "starting", run_dir)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.runtime.deterministic:  # the data order is the seed's already; this fixes the float sums
@@ -546,22 +627,41 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
     keras.mixed_precision.set_global_policy(precision)
     replicas = strategy.num_replicas_in_sync
     per_replica = per_replica_batch(cfg.data.batch_size, replicas)
-    log.info("strategy %s, %d replica(s) x %d images, precision %s",
-             type(strategy).__name__, replicas, per_replica, precision)  # fmt: skip
+    log.info(
+        "strategy %s, %d replica(s) x %d images, precision %s",
+        type(strategy).__name__,
+        replicas,
+        per_replica,
+        precision,
+    )
 
     splits = make_datasets(cfg.data, cfg.seed, cfg.model.image_size)
     info = splits.info
-    log.info("data: %s (%s), %d classes, %dx%d storage; %d train, %d val, %d test images",
-             info.name, info.source, info.num_classes, info.image_size, info.image_size,
-             info.num_train, info.num_val, info.num_test)  # fmt: skip
+    log.info(
+        "data: %s (%s), %d classes, %dx%d storage; %d train, %d val, %d test images",
+        info.name,
+        info.source,
+        info.num_classes,
+        info.image_size,
+        info.image_size,
+        info.num_train,
+        info.num_val,
+        info.num_test,
+    )
     log.info("data: splits %s", "; ".join(f"{k}: {v}" for k, v in info.splits.items()))
     if cfg.data.batch_size > info.num_train // 4:
-        log.warning("data.batch_size=%d leaves %d step(s) per epoch for %d training images; "
-                    "a smaller batch (e.g. %d) gives more updates per epoch",
-                    cfg.data.batch_size, steps_per_epoch(info.num_train, cfg.data.batch_size),
-                    info.num_train, max(1, info.num_train // 8))  # fmt: skip
-    log.info("data: train images per class: %s", ", ".join(
-        f"{c} {n}" for c, n in zip(info.class_names, info.train_class_counts)))  # fmt: skip
+        log.warning(
+            "data.batch_size=%d leaves %d step(s) per epoch for %d training images; "
+            "a smaller batch (e.g. %d) gives more updates per epoch",
+            cfg.data.batch_size,
+            steps_per_epoch(info.num_train, cfg.data.batch_size),
+            info.num_train,
+            max(1, info.num_train // 8),
+        )
+    log.info(
+        "data: train images per class: %s",
+        ", ".join(f"{c} {n}" for c, n in zip(info.class_names, info.train_class_counts)),
+    )
     if chief:
         rundir.record_dataset(run_dir, info)
 
@@ -573,8 +673,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
             continue
         record = rundir.read_json(run_dir / "checkpoints" / f"{phase}.json")
         if record:
-            log.info("%s: finished earlier (val_accuracy %.4f); not redone",
-                     phase, record["val_accuracy"])  # fmt: skip
+            log.info("%s: finished earlier (val_accuracy %.4f); not redone", phase, record["val_accuracy"])
         else:
             record = fit_phase(phase, cfg, strategy, splits, run_dir, epoch, epochs, weights, stop)
         records[phase] = record
@@ -585,8 +684,11 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
         final = "finetune"  # chosen for robustness: the head's clean accuracy is no rival
     weights = run_dir / records[final]["best_weights"]
     if final != list(records)[-1]:
-        log.info("final weights: the %s phase's (val_accuracy %.4f); fine-tuning did not beat it",
-                 final, records[final]["val_accuracy"])  # fmt: skip
+        log.info(
+            "final weights: the %s phase's (val_accuracy %.4f); fine-tuning did not beat it",
+            final,
+            records[final]["val_accuracy"],
+        )
 
     # The shipped model computes in float32 whatever the training precision: it runs
     # anywhere (onnxruntime has no bf16 convolutions on CPU) and its outputs are stable.
@@ -605,8 +707,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
         test = dataset_logits(logits_fn, splits.test, None if cfg.evaluate.enabled else 64)
     results = evaluate(test[2].argmax(1), test[1], info.class_names)
     with writing(run_dir / "confusion_matrix.png", "the confusion matrix"):
-        save_confusion_png(results["confusion_matrix"], info.class_names, info.name,
-                           run_dir / "confusion_matrix.png")  # fmt: skip
+        save_confusion_png(results["confusion_matrix"], info.class_names, info.name, run_dir / "confusion_matrix.png")
     tmp_model = run_dir / ".model.tmp.keras"
     with writing(run_dir / "model.keras", "the model", 2 * sum(w.nbytes for w in model.get_weights())):
         try:
@@ -616,8 +717,7 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
             tmp_model.unlink(missing_ok=True)
 
     # The trust report (quick) fits the temperature; without it, only the temperature is fitted.
-    report = trust_report(model, cfg, splits, run_dir, quick=True, test=test) \
-        if cfg.evaluate.enabled else None
+    report = trust_report(model, cfg, splits, run_dir, quick=True, test=test) if cfg.evaluate.enabled else None
     temperature = None
     if report:
         temperature = report["calibration"]["temperature"]
@@ -629,12 +729,19 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
         first_test = test[0][:64]
         base = Path(cfg.export.base) if cfg.export.base else run_dir / "export"
         folded = temperature if cfg.evaluate.fold_temperature else 1.0
-        with rundir.locked(base, "export base"), writing(base, "the export", 3 * sum(w.nbytes for w in model.get_weights())):
+        with (
+            rundir.locked(base, "export base"),
+            writing(base, "the export", 3 * sum(w.nbytes for w in model.get_weights())),
+        ):
             exports.append(export_model(model, base, cfg.export.name, first_test, info.class_names, folded))
-        log.info("exported version %d: %s and %s (parity max |diff| %.1e / %.1e)",
-                 exports[0]["version"], exports[0]["savedmodel"], exports[0]["onnx"],
-                 exports[0]["parity"]["savedmodel"]["max_abs_diff"],
-                 exports[0]["parity"]["onnx"]["max_abs_diff"])  # fmt: skip
+        log.info(
+            "exported version %d: %s and %s (parity max |diff| %.1e / %.1e)",
+            exports[0]["version"],
+            exports[0]["savedmodel"],
+            exports[0]["onnx"],
+            exports[0]["parity"]["savedmodel"]["max_abs_diff"],
+            exports[0]["parity"]["onnx"]["max_abs_diff"],
+        )
 
     last = records[final]
     summary = {
@@ -652,19 +759,28 @@ def _train(cfg: Config, strategy: tf.distribute.Strategy, run_dir: Path, chief: 
         "weights_sha256": fingerprint,
         "temperature": temperature,  # fitted on val; folded into the exports with evaluate.fold_temperature
         "exports_calibrated": bool(cfg.evaluate.fold_temperature and temperature not in (None, 1.0)),
-        "trust_report": report and {
-            "file": "report.json", "quick": True, "tta_accuracy": report["tta"]["accuracy"],
-            "ece_before": report["calibration"]["ece_before"], "ece_after": report["calibration"]["ece_after"],
+        "trust_report": report
+        and {
+            "file": "report.json",
+            "quick": True,
+            "tta_accuracy": report["tta"]["accuracy"],
+            "ece_before": report["calibration"]["ece_before"],
+            "ece_after": report["calibration"]["ece_after"],
             "corruption_mean_accuracy": report["corruptions"]["mean_accuracy"],
-            "pgd_accuracy": report["adversarial"]["pgd"], "wall_time_s": report["wall_time_s"],
-        },  # fmt: skip
+            "pgd_accuracy": report["adversarial"]["pgd"],
+            "wall_time_s": report["wall_time_s"],
+        },
         "class_names": list(info.class_names),
         "dataset": info.to_dict(),
         "model": "model.keras",
         "exports": exports,
     }
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
-    log.info("test accuracy %.4f on %d images (val %.4f), %.0f s",
-             summary["test_accuracy"], summary["test_examples"], summary["val_accuracy"],
-             summary["wall_time_s"])  # fmt: skip
+    log.info(
+        "test accuracy %.4f on %d images (val %.4f), %.0f s",
+        summary["test_accuracy"],
+        summary["test_examples"],
+        summary["val_accuracy"],
+        summary["wall_time_s"],
+    )
     return summary
