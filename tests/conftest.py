@@ -78,7 +78,7 @@ def tiny_overrides(**extra: str) -> list[str]:
     """A config that runs both phases in seconds: random weights, 32x32, 1 epoch each."""
     base = {
         "model.weights": "null",
-        "model.image_size": "32",
+        "model.resolution": "32",
         "model.head_units": "16",
         "data.batch_size": "8",
         "data.shuffle_buffer": "32",
@@ -98,7 +98,7 @@ CIFAR_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "
 def tiny_info(size: int = 32, names: tuple[str, ...] = CIFAR_NAMES):
     from tlkeras.data import DatasetInfo
 
-    return DatasetInfo(name="test", source="tfds", class_names=tuple(names), image_size=size)
+    return DatasetInfo(name="test", source="tfds", class_names=tuple(names), storage_size=size)
 
 
 @pytest.fixture(scope="session")
@@ -112,7 +112,7 @@ def tiny_export(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("export")
     info = tiny_info()
-    model = build_model(ModelConfig(weights=None, image_size=32, head_units=16), info)
+    model = build_model(ModelConfig(weights=None, resolution=32, head_units=16), info)
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     return model, base, export_model(model, base, "tlkeras", images, info.class_names)
 

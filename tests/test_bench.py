@@ -31,6 +31,9 @@ def test_median_seconds_is_the_median_of_the_timed_calls(monkeypatch):
 
 
 def test_run_without_export_is_a_user_error(tmp_path):
+    from tlkeras.config import dump_yaml, load_config
+
+    (tmp_path / "config.yaml").write_text(dump_yaml(load_config(None)))
     (tmp_path / "summary.json").write_text('{"exports": []}')
     with pytest.raises(bench.UserError, match="has no export"):
         bench.exported_model(tmp_path, tmp_path, None)
@@ -46,7 +49,7 @@ def test_conv_macs_counts_vgg16_and_the_trainable_part():
     from tlkeras.config import ModelConfig
     from tlkeras.model import build_model, set_finetune_trainable
 
-    model = build_model(ModelConfig(weights=None, image_size=32, head_units=16), bench.cifar10_info())
+    model = build_model(ModelConfig(weights=None, resolution=32, head_units=16), bench.cifar10_info())
     total, trainable, input_grad = bench.conv_macs(model)
     assert abs(total - 0.313e9) / 0.313e9 < 0.01  # the figure for 32x32
     assert trainable == input_grad == 0  # phase 1: nothing in the base trains
@@ -56,7 +59,7 @@ def test_conv_macs_counts_vgg16_and_the_trainable_part():
     block5 = 3 * 2 * 2 * 3 * 3 * 512 * 512  # three 3x3 512->512 convolutions on 2x2
     assert trainable == block5 and input_grad == block5 * 2 // 3  # block5_conv1 needs no input gradient
 
-    big = build_model(ModelConfig(weights=None, image_size=64, head_units=16), bench.cifar10_info())
+    big = build_model(ModelConfig(weights=None, resolution=64, head_units=16), bench.cifar10_info())
     assert bench.conv_macs(big)[0] == 4 * total  # the square of the side
 
 
@@ -65,7 +68,7 @@ def test_conv_macs_counts_mobilenet_v2_depthwise_and_pointwise():
     from tlkeras.data import DatasetInfo
     from tlkeras.model import build_model, set_finetune_trainable
 
-    info = DatasetInfo(name="x", source="tfds", image_size=224, class_names=("a", "b"))
+    info = DatasetInfo(name="x", source="tfds", storage_size=224, class_names=("a", "b"))
     model = build_model(ModelConfig(backbone="mobilenet_v2", weights=None, head_units=8), info)
     total = bench.conv_macs(model)[0]
     assert abs(total - 300e6) / 300e6 < 0.01  # Sandler et al. 2018, Table 3: 300 M at 224

@@ -89,10 +89,10 @@ def test_bad_values_name_the_key(override, message):
 
 
 def test_backbone_choices_are_the_model_table():
+    from tlkeras.bases import BASES
     from tlkeras.config import CHOICES
-    from tlkeras.model import BACKBONES
 
-    assert CHOICES["model.backbone"] == tuple(BACKBONES)
+    assert CHOICES["model.backbone"] == tuple(BASES)
     assert Config().model.backbone == "vgg16"
 
 

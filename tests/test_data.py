@@ -155,10 +155,10 @@ def test_flat_folder_classes_carves_and_skips_what_is_not_an_image(tmp_path, cap
     (root / "cats" / ".DS_Store").write_bytes(b"\0" * 64)
     (root / "dogs" / "Thumbs.db").write_bytes(b"\0" * 64)
     (root / "emus" / "notes.txt").write_text("not an image")
-    splits = make(folder_cfg(root, image_size=24, val_fraction=0.2, test_fraction=0.1), seed=3)
+    splits = make(folder_cfg(root, storage_size=24, val_fraction=0.2, test_fraction=0.1), seed=3)
     info = splits.info
     assert info.source == "folder" and info.class_names == ("cats", "dogs", "emus")
-    assert info.image_size == 24
+    assert info.storage_size == 24
     # cats 20: 4 val, 2 test; dogs 13: 3 val (2.6), 1 test; emus 10: 2 val, 1 test.
     assert (info.num_val, info.num_test, info.num_train) == (9, 4, 43 - 13)
     assert info.train_class_counts == (14, 9, 7)
@@ -168,7 +168,7 @@ def test_flat_folder_classes_carves_and_skips_what_is_not_an_image(tmp_path, cap
     assert "1 non-image files ignored" in caplog.text
     # Stratified: every class in every split; disjoint; the same seed gives the same split.
     assert sorted(set(labels_of(splits.val))) == [0, 1, 2] and sorted(set(labels_of(splits.test))) == [0, 1, 2]
-    again = make(folder_cfg(root, image_size=24, val_fraction=0.2, test_fraction=0.1), seed=3)
+    again = make(folder_cfg(root, storage_size=24, val_fraction=0.2, test_fraction=0.1), seed=3)
     np.testing.assert_array_equal(
         np.concatenate([x.numpy() for x, _ in again.test]), np.concatenate([x.numpy() for x, _ in splits.test])
     )
@@ -183,7 +183,7 @@ def test_folder_images_are_those_files_centre_cropped_to_size(tmp_path):
             wide[:, 20:40] = colour  # the centre third carries the colour
             Image.fromarray(wide).save(root / name / f"{i}.bmp")
         Image.fromarray(np.full((30, 30, 3), colour, np.uint8)).save(root / name / "g.gif")
-    splits = make(folder_cfg(root, image_size=16, val_fraction=0.25, test_fraction=0.25, augment=False))
+    splits = make(folder_cfg(root, storage_size=16, val_fraction=0.25, test_fraction=0.25, augment=False))
     x = np.concatenate([x.numpy() for x, _ in splits.train_plain])
     y = labels_of(splits.train_plain)
     assert splits.info.class_names == ("blue", "red")
@@ -194,7 +194,7 @@ def test_folder_images_are_those_files_centre_cropped_to_size(tmp_path):
 
 def test_train_and_val_folders_pick_epochs_on_a_carve_and_report_on_val(tmp_path):
     root = make_image_folder(tmp_path / "hym", {"train/ants": 10, "train/bees": 10, "val/ants": 4, "val/bees": 5})
-    splits = make(folder_cfg(root, image_size=16))
+    splits = make(folder_cfg(root, storage_size=16))
     info = splits.info
     assert info.num_test == 9 and info.num_val == 2 and info.num_train == 18
     assert info.splits["test"].startswith("validation folder")
@@ -205,18 +205,18 @@ def test_train_val_test_folders_are_used_as_they_are(tmp_path):
     root = make_image_folder(
         tmp_path / "d", {"train/a": 6, "train/b": 6, "validation/a": 2, "validation/b": 3, "test/a": 4, "test/b": 1}
     )
-    info = make(folder_cfg(root, image_size=16)).info
+    info = make(folder_cfg(root, storage_size=16)).info
     assert (info.num_train, info.num_val, info.num_test) == (12, 5, 5)
 
 
 def test_split_strings_slice_split_folders_with_tfds_syntax(tmp_path):
     root = make_image_folder(tmp_path / "d", {"train/a": 10, "train/b": 10, "val/a": 3, "val/b": 3})
-    cfg = folder_cfg(root, image_size=16, train_split="train[:50%]", val_split="train[50%:]", test_split="val")
+    cfg = folder_cfg(root, storage_size=16, train_split="train[:50%]", val_split="train[50%:]", test_split="val")
     splits = make(cfg)
     assert (splits.num_train, splits.num_val, splits.num_test) == (10, 10, 6)
     assert sorted(set(labels_of(splits.train_plain))) == [0, 1]  # a random slice, not class a only
     with pytest.raises(ConfigError, match=r"data.test_split='tset' does not select from this folder's splits"):
-        make(folder_cfg(root, image_size=16, test_split="tset"))
+        make(folder_cfg(root, storage_size=16, test_split="tset"))
 
 
 def test_the_scan_is_cached_and_redone_when_a_file_changes(tmp_path, monkeypatch):
@@ -224,7 +224,7 @@ def test_the_scan_is_cached_and_redone_when_a_file_changes(tmp_path, monkeypatch
     calls = []
     real = D._check
     monkeypatch.setattr(D, "_check", lambda p: calls.append(p) or real(p))
-    cfg = folder_cfg(root, image_size=16, val_fraction=0.25, test_fraction=0.25)
+    cfg = folder_cfg(root, storage_size=16, val_fraction=0.25, test_fraction=0.25)
     make(cfg)
     assert len(calls) == 8
     make(cfg)
@@ -258,7 +258,7 @@ def test_folder_errors_name_the_problem(tmp_path, setup, message):
     if message == "holds no class subfolders with images":
         root = root / "empty"
     with pytest.raises(UserError) as e:
-        make(folder_cfg(root, image_size=16, val_fraction=0.1, test_fraction=0.1))
+        make(folder_cfg(root, storage_size=16, val_fraction=0.1, test_fraction=0.1))
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -302,7 +302,7 @@ def test_another_tfds_dataset_takes_its_classes_and_size_from_tfds():
     with tfds.testing.mock_data(num_examples=12):
         splits = make(DataConfig(dataset="tf_flowers", batch_size=4, shuffle_buffer=8), model_size=40)
     assert splits.info.class_names == ("dandelion", "daisy", "tulips", "sunflowers", "roses")
-    assert splits.info.image_size == 40  # variable-size images: the model's size
+    assert splits.info.storage_size == 40  # variable-size images: the model's size
     x, y = next(iter(splits.train))
     assert x.shape == (4, 40, 40, 3) and x.dtype == tf.uint8 and int(tf.reduce_max(y)) < 5
 
@@ -316,7 +316,7 @@ def test_tfds_datasets_that_are_not_image_classification_are_refused():
 
 def test_overlapping_splits_are_named_in_a_warning(tmp_path, caplog):
     root = make_image_folder(tmp_path / "d", {"a": 10, "b": 10})
-    make(folder_cfg(root, image_size=16, train_split="train", val_split="train[:25%]", test_split="train[90%:]"))
+    make(folder_cfg(root, storage_size=16, train_split="train", val_split="train[:25%]", test_split="train[90%:]"))
     assert "the train split (train) and the val split (train[:25%]) share 5 examples" in caplog.text
     assert "the train split (train) and the test split (train[90%:]) share 2 examples" in caplog.text
 
@@ -336,7 +336,7 @@ def test_overlapping_tfds_splits_are_named_in_a_warning(assets, caplog):
 
 def test_split_folder_names_in_any_case_and_only_train_and_test(tmp_path):
     root = make_image_folder(tmp_path / "d", {"Train/a": 8, "Train/b": 8, "TEST/a": 2, "TEST/b": 3})
-    info = make(folder_cfg(root, image_size=16)).info
+    info = make(folder_cfg(root, storage_size=16)).info
     # test/ is published, so only val is carved (10% of 8 per class: 1 each).
     assert (info.num_train, info.num_val, info.num_test) == (14, 2, 5)
     assert info.splits["test"] == "test folder"
@@ -344,7 +344,7 @@ def test_split_folder_names_in_any_case_and_only_train_and_test(tmp_path):
 
 def test_an_explicit_train_string_reads_what_the_carves_left(tmp_path, caplog):
     root = make_image_folder(tmp_path / "d", {"a": 20, "b": 20})
-    splits = make(folder_cfg(root, image_size=16, train_split="train[:50%]", val_fraction=0.2, test_fraction=0.2))
+    splits = make(folder_cfg(root, storage_size=16, train_split="train[:50%]", val_fraction=0.2, test_fraction=0.2))
     assert (splits.num_val, splits.num_test, splits.num_train) == (8, 8, 12)  # half of the 24 left
     assert "share" not in caplog.text  # no overlap with the carves
 
@@ -368,7 +368,7 @@ def test_small_classes_still_give_val_and_test_images():
 def test_ambiguous_layouts_are_refused(tmp_path, layout, message):
     root = make_image_folder(tmp_path / "d", layout)
     with pytest.raises(UserError) as e:
-        make(folder_cfg(root, image_size=16))
+        make(folder_cfg(root, storage_size=16))
     assert message in str(e.value)
 
 
@@ -377,13 +377,13 @@ def test_an_empty_class_folder_is_refused_by_name(tmp_path):
     (root / "c").mkdir()
     (root / "c" / "readme.txt").write_text("no images here")
     with pytest.raises(UserError, match=r"class folder '.*c' holds no images"):
-        make(folder_cfg(root, image_size=16))
+        make(folder_cfg(root, storage_size=16))
 
 
 def test_a_carve_of_zero_names_the_fraction(tmp_path):
     root = make_image_folder(tmp_path / "d", {"a": 5, "b": 5})
     with pytest.raises(ConfigError, match=r"data.val_fraction=0.0 but the val split must be carved"):
-        make(folder_cfg(root, image_size=16, val_fraction=0.0))
+        make(folder_cfg(root, storage_size=16, val_fraction=0.0))
 
 
 def test_symlinked_folders_are_followed_and_loops_are_not(tmp_path):
@@ -392,7 +392,7 @@ def test_symlinked_folders_are_followed_and_loops_are_not(tmp_path):
     (root / "a" / "linked").symlink_to(elsewhere / "more", target_is_directory=True)
     (root / "b" / "loop").symlink_to(root / "b", target_is_directory=True)
     (root / "b" / "gone.png").symlink_to(tmp_path / "missing.png")
-    info = make(folder_cfg(root, image_size=16, val_fraction=0.1, test_fraction=0.1)).info
+    info = make(folder_cfg(root, storage_size=16, val_fraction=0.1, test_fraction=0.1)).info
     assert info.num_train + info.num_val + info.num_test == 14  # 5 + 4 linked, and b's 5 once
 
 

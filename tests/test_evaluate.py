@@ -67,7 +67,7 @@ def test_the_calibrated_export_passes_parity_and_outputs_softmax_of_logits_over_
 
     info = tiny_info()
     keras.utils.set_random_seed(0)  # random weights, but the same in every run of the test
-    model = build_model(ModelConfig(weights=None, image_size=32, head_units=16), info)
+    model = build_model(ModelConfig(weights=None, resolution=32, head_units=16), info)
     head = model.layers[-1]
     images = np.random.default_rng(1).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
     spread = E.predict_logits(E.logits_function(model), images).std(axis=1).mean()
@@ -166,6 +166,6 @@ def test_the_published_cifar10_corrupted_is_read_when_it_is_in_data_dir(tmp_path
     assert report["source"].startswith("tfds cifar10_corrupted")
     assert len(seen) == 5 * len(CORRUPTIONS) and all(x.shape == (8, 32, 32, 3) and x.any() for x in seen)
     generated = E.corruption_accuracy(
-        logits_fn, blank, np.zeros(8, np.int64), cfg, dataclasses.replace(info, image_size=64), seed=0
+        logits_fn, blank, np.zeros(8, np.int64), cfg, dataclasses.replace(info, storage_size=64), seed=0
     )
     assert generated["source"].startswith("generated") and generated["mean_accuracy"] == 1.0

@@ -15,14 +15,14 @@ def _run(root, name, backbone, train, minutes, accuracy, finished=True):
         None,
         [
             f"model.backbone={backbone}",
-            "model.image_size=96",
+            "model.resolution=96",
             "finetune.unfreeze=block_13" if backbone == "mobilenet_v2" else "finetune.unfreeze=block3",
         ],
     )
     (run / "config.yaml").write_text(dump_yaml(cfg))
     if finished:
-        summary = {"test_accuracy": accuracy, "wall_time_s": minutes * 60, "dataset": {"num_train": train}}
-        (run / "summary.json").write_text(json.dumps(summary))
+        (run / "summary.json").write_text(json.dumps({"test_accuracy": accuracy, "wall_time_s": minutes * 60}))
+    (run / "dataset.json").write_text(json.dumps({"num_train": train}))
     return run
 
 
@@ -59,7 +59,7 @@ def test_damaged_or_missing_folders_are_skipped_with_the_reason(tmp_path, capsys
     args = [str(good), str(bad_json), str(no_keys), str(tmp_path / "nope"), "--out", str(out)]
     assert frontier.main(args) == 0
     err = capsys.readouterr().err
-    assert "/b: unreadable summary.json" in err and "/c: unreadable" in err and "/nope: no such folder" in err
+    assert "/b: unreadable summary.json" in err and "/c: unreadable" in err and "nope' not found" in err
     assert out.is_file() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 

@@ -6,7 +6,7 @@ from tlkeras.config import ModelConfig
 from tlkeras.data import DatasetInfo
 from tlkeras.errors import UserError
 from tlkeras.model import (
-    BACKBONES,
+    BASES,
     MobileNetV2Preprocess,
     VGG16Preprocess,
     build_model,
@@ -15,9 +15,9 @@ from tlkeras.model import (
     split_at_features,
 )
 
-INFO = DatasetInfo(name="t", source="tfds", class_names=tuple("abcdefghij"), image_size=32)
-TINY = ModelConfig(weights=None, image_size=32, head_units=16)
-BASES = list(BACKBONES)
+INFO = DatasetInfo(name="t", source="tfds", class_names=tuple("abcdefghij"), storage_size=32)
+TINY = ModelConfig(weights=None, resolution=32, head_units=16)
+NAMES = list(BASES)
 
 
 def tiny(backbone: str, **kw) -> ModelConfig:
@@ -39,7 +39,7 @@ def bfloat16_policy():
     keras.mixed_precision.set_global_policy("float32")
 
 
-@pytest.mark.parametrize("backbone", BASES)
+@pytest.mark.parametrize("backbone", NAMES)
 def test_takes_uint8_and_returns_float32_probabilities(backbone):
     model = build_model(tiny(backbone), INFO)
     p = model.predict(images(3), verbose=0)
@@ -50,7 +50,7 @@ def test_takes_uint8_and_returns_float32_probabilities(backbone):
 
 
 def test_input_size_and_classes_come_from_the_dataset_info():
-    info = DatasetInfo(name="t", source="folder", class_names=("ants", "bees"), image_size=40)
+    info = DatasetInfo(name="t", source="folder", class_names=("ants", "bees"), storage_size=40)
     model = build_model(tiny("mobilenet_v2"), info)
     assert model.predict(images(2, 40), verbose=0).shape == (2, 2)
 
@@ -82,18 +82,18 @@ def test_preprocess_known_values():
     )
 
 
-@pytest.mark.parametrize("backbone", BASES)
+@pytest.mark.parametrize("backbone", NAMES)
 def test_table_layer_names_are_the_keras_ones(backbone):
     # Config validation checks finetune.unfreeze against the table, before any model exists.
     base = find_base(build_model(tiny(backbone), INFO))[1]
-    assert tuple(layer.name for layer in base.layers[1:]) == BACKBONES[backbone].layers
-    for block in BACKBONES[backbone].blocks:
-        assert any(name == block or name.startswith(block + "_") for name in BACKBONES[backbone].layers)
+    assert tuple(layer.name for layer in base.layers[1:]) == BASES[backbone].layers
+    for block in BASES[backbone].blocks:
+        assert any(name == block or name.startswith(block + "_") for name in BASES[backbone].layers)
 
 
-@pytest.mark.parametrize("backbone", BASES)
+@pytest.mark.parametrize("backbone", NAMES)
 def test_resize_inside_model(backbone):
-    model = build_model(tiny(backbone, image_size=48), INFO)
+    model = build_model(tiny(backbone, resolution=48), INFO)
     assert model.get_layer("resize").output.shape[1:3] == (48, 48)
     assert find_base(model)[1].input.shape[1:3] == (48, 48)
 
@@ -174,7 +174,7 @@ def test_unfrozen_mobilenet_v2_keeps_its_batchnorm_statistics():
     """Fine-tuning moves the kernels, never the BN moving statistics (the keras.io
     transfer-learning guide; keras-team/keras #9214). Under Keras 3.15 the frozen BN
     layers do this; training=False on the base alone does not survive fit."""
-    model = build_model(tiny("mobilenet_v2", image_size=32), INFO)
+    model = build_model(tiny("mobilenet_v2", resolution=32), INFO)
     base = find_base(model)[1]
     set_finetune_trainable(model, "all")
     model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
@@ -196,9 +196,9 @@ def test_unfrozen_mobilenet_v2_keeps_its_batchnorm_statistics():
     assert any(not np.array_equal(a, b) for a, b in zip(stats(), stats_before))
 
 
-@pytest.mark.parametrize("backbone", BASES)
+@pytest.mark.parametrize("backbone", NAMES)
 def test_mixed_bfloat16_keeps_the_transform_and_output_in_float32(backbone, bfloat16_policy):
-    model = build_model(tiny(backbone, image_size=48), INFO)
+    model = build_model(tiny(backbone, resolution=48), INFO)
     assert model.get_layer("preprocess").compute_dtype == "float32"
     assert model.get_layer("resize").compute_dtype == "float32"
     assert find_base(model)[1].layers[1].compute_dtype == "bfloat16"
@@ -207,7 +207,7 @@ def test_mixed_bfloat16_keeps_the_transform_and_output_in_float32(backbone, bflo
     assert p.dtype == np.float32 and np.isfinite(p).all()
 
 
-@pytest.mark.parametrize("backbone", BASES)
+@pytest.mark.parametrize("backbone", NAMES)
 def test_saved_model_reloads_with_registered_layer(backbone, tmp_path):
     model = build_model(tiny(backbone), INFO)
     x = images(2)
@@ -221,11 +221,11 @@ def test_saved_model_reloads_with_registered_layer(backbone, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("backbone", BASES)
+@pytest.mark.parametrize("backbone", NAMES)
 def test_missing_weights_file_is_a_user_error_naming_the_file(backbone, tmp_path):
     with pytest.raises(UserError, match=r"model.weights=.*nope.h5.*no such file") as e:
         build_model(tiny(backbone, weights=str(tmp_path / "nope.h5")), INFO)
-    assert BACKBONES[backbone].weights_file in str(e.value)
+    assert BASES[backbone].weights_file in str(e.value)
 
 
 @pytest.mark.parametrize("backbone, label", [("vgg16", "VGG16"), ("mobilenet_v2", "MobileNetV2")])
@@ -237,23 +237,23 @@ def test_truncated_or_wrong_weights_file_is_a_user_error(backbone, label, tmp_pa
     for path in (bad, other):
         with pytest.raises(UserError, match=f"could not be loaded as {label}") as e:
             build_model(tiny(backbone, weights=str(path)), INFO)
-        assert BACKBONES[backbone].weights_file in str(e.value)
+        assert BASES[backbone].weights_file in str(e.value)
 
 
 def test_real_imagenet_weights_load_from_a_path(assets):
-    model = build_model(ModelConfig(weights=str(assets.weights), image_size=32), INFO)
+    model = build_model(ModelConfig(weights=str(assets.weights), resolution=32), INFO)
     kernel = keras.ops.convert_to_numpy(model.get_layer("vgg16").get_layer("block1_conv1").kernel)
     assert kernel.shape == (3, 3, 3, 64)
     assert 0.1 < np.abs(kernel).max() < 2.0 and np.abs(kernel).std() > 0.05
 
 
-@pytest.mark.parametrize("backbone", BASES)
+@pytest.mark.parametrize("backbone", NAMES)
 def test_split_at_features_composes_to_the_model_and_trains_its_head(backbone):
     model = build_model(tiny(backbone), INFO)
     extractor, head = split_at_features(model)
     x = images(4)
     features = extractor.predict(x, verbose=0)
-    assert features.shape == (4, BACKBONES[backbone].features)
+    assert features.shape == (4, BASES[backbone].features)
     np.testing.assert_allclose(head.predict(features, verbose=0), model.predict(x, verbose=0), atol=1e-6)
 
     base = find_base(model)[1]
@@ -286,7 +286,7 @@ def test_real_mobilenet_v2_features_separate_cifar10(mobilenet_assets):
         return np.stack(x), np.array(y)
 
     (x_train, y_train), (x_test, y_test) = load("train[:2000]"), load("test[:1000]")
-    cfg = ModelConfig(backbone="mobilenet_v2", weights=str(mobilenet_assets.weights), image_size=96)
+    cfg = ModelConfig(backbone="mobilenet_v2", weights=str(mobilenet_assets.weights), resolution=96)
     extractor = split_at_features(build_model(cfg, INFO))[0]
     f_train = extractor.predict(x_train, batch_size=100, verbose=0)
     f_test = extractor.predict(x_test, batch_size=100, verbose=0)
@@ -305,6 +305,6 @@ def test_the_other_base_s_weights_file_is_one_line_without_warnings(tmp_path, re
     other = tmp_path / "mobilenet_v2.weights.h5"
     keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(other)
     with pytest.raises(UserError) as e:
-        build_model(ModelConfig(weights=str(other), image_size=32), INFO)
+        build_model(ModelConfig(weights=str(other), resolution=32), INFO)
     assert "could not be loaded as VGG16" in str(e.value) and not str(e.value).rstrip(")").endswith(":")
     assert not [w for w in recwarn if "Skipping nested container" in str(w.message)]

@@ -32,7 +32,7 @@ def other_export(tmp_path_factory):
     from tlkeras.model import build_model
 
     info = tiny_info(48, ("ant", "bee", "café au lait"))
-    model = build_model(ModelConfig(weights=None, image_size=48, head_units=8), info)
+    model = build_model(ModelConfig(weights=None, resolution=48, head_units=8), info)
     images = np.random.default_rng(3).integers(0, 256, (4, 48, 48, 3), dtype=np.uint8)
     base = tmp_path_factory.mktemp("other")
     return model, base, export_model(model, base, "bugs", images, info.class_names)

@@ -47,7 +47,7 @@ def trained():
     (test accuracy 1.0 in a few seconds), and 32 held-out images."""
     keras.utils.set_random_seed(0)
     model = build_model(
-        ModelConfig(weights=None, image_size=32, head_units=32, dropout=0.0), tiny_info(names=("a", "b", "c", "d"))
+        ModelConfig(weights=None, resolution=32, head_units=32, dropout=0.0), tiny_info(names=("a", "b", "c", "d"))
     )
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
     x, y = colour_images(256)
@@ -225,7 +225,7 @@ def test_real_adversarial_finetuning_beats_the_standard_model_under_attack(asset
                 f"model.weights={assets.weights}",
                 f"data.data_dir={assets.tfds_dir}",
                 "data.download=false",
-                "model.image_size=32",
+                "model.resolution=32",
                 "data.train_split=train[:1000]",
                 "data.val_split=train[45000:45200]",
                 "data.test_split=test[:100]",

@@ -227,7 +227,7 @@ def test_a_folder_of_photos_trains_exports_and_answers_with_its_names(tmp_path, 
     root = make_image_folder(tmp_path / "photos", {"ants": 14, "bees": 6, "wasps": 10}, size=(50, 36), fmt="JPEG")
     overrides = {
         "data.dataset": str(root),
-        "data.image_size": "32",
+        "data.storage_size": "32",
         "export.enabled": "true",
         "data.class_weight": "true",
         "data.val_fraction": "0.2",
@@ -243,14 +243,15 @@ def test_a_folder_of_photos_trains_exports_and_answers_with_its_names(tmp_path, 
 
     with mock.patch.object(keras.Model, "fit", spy):
         summary = train_and_evaluate(cfg, tmp_path / "run")
-    assert summary["class_names"] == ["ants", "bees", "wasps"]
+    dataset = json.loads((tmp_path / "run" / "dataset.json").read_text())  # class names: stored once, there
+    assert dataset["class_names"] == ["ants", "bees", "wasps"] and "class_names" not in summary
     assert list(summary["per_class_test_accuracy"]) == ["ants", "bees", "wasps"]
-    assert summary["dataset"]["train_class_counts"] == [8, 4, 6]  # 14-3-3, 6-1-1, 10-2-2
+    assert dataset["train_class_counts"] == [8, 4, 6]  # 14-3-3, 6-1-1, 10-2-2
     assert summary["test_examples"] == 6 and len(summary["confusion_matrix"]) == 3
     # Balanced weights n / (k * n_c) in both phases: the rare class weighs most.
     assert len(fits) == 2 and fits[0] == pytest.approx({0: 18 / 24, 1: 18 / 12, 2: 1.0})
     (record,) = summary["exports"]
-    assert record["class_names"] == ["ants", "bees", "wasps"] and record["image_size"] == 32
+    assert "class_names" not in record and dataset["storage_size"] == 32
 
     photo = str(root / "bees" / "0.jpg")
     capsys.readouterr()  # training's progress lines
@@ -271,8 +272,8 @@ def test_real_hymenoptera_folder_phase1_learns_ants_from_bees(hymenoptera, tmp_p
         [
             f"model.weights={hymenoptera.weights}",
             f"data.dataset={hymenoptera.folder}",
-            "data.image_size=96",
-            "model.image_size=96",
+            "data.storage_size=96",
+            "model.resolution=96",
             "data.batch_size=32",
             "head.epochs=5",
             "finetune.epochs=0",
@@ -281,7 +282,7 @@ def test_real_hymenoptera_folder_phase1_learns_ants_from_bees(hymenoptera, tmp_p
         ],
     )
     summary = train_and_evaluate(cfg, tmp_path)
-    assert summary["class_names"] == ["ants", "bees"]
+    assert json.loads((tmp_path / "dataset.json").read_text())["class_names"] == ["ants", "bees"]
     assert summary["test_examples"] == 153  # all of val/, never the split that chose the epoch
     assert summary["test_accuracy"] >= 0.75, summary["test_accuracy"]
 
@@ -295,7 +296,7 @@ def test_real_weights_and_data_phase1_beats_chance_by_far(assets, tmp_path):
             f"model.weights={assets.weights}",
             f"data.data_dir={assets.tfds_dir}",
             "data.download=false",
-            "model.image_size=32",
+            "model.resolution=32",
             "data.train_split=train[:5000]",
             "data.val_split=train[45000:46000]",
             "data.test_split=test[:2000]",
@@ -315,9 +316,9 @@ def test_real_weights_and_data_phase1_beats_chance_by_far(assets, tmp_path):
     from tlkeras.data import first_test_images
     from tlkeras.export import run_onnx
 
-    images = first_test_images(cfg.data, cfg.seed, cfg.model.image_size, 2000)
+    images = first_test_images(cfg.data, cfg.seed, cfg.model.resolution, 2000)
     # The export answers softmax(logits / T): the model folded with the fitted temperature.
-    from tlkeras.evaluate import fold_temperature
+    from tlkeras.model import fold_temperature
 
     shipped = keras.models.load_model(tmp_path / "model.keras")
     reference = fold_temperature(shipped, summary["temperature"]).predict(images, verbose=0)
@@ -401,7 +402,7 @@ def test_mirrored_step_equals_default_step_at_the_same_global_batch():
     from tlkeras.config import ModelConfig
     from tlkeras.model import build_model
 
-    cfg = ModelConfig(weights=None, image_size=32, head_units=16, dropout=0.0)
+    cfg = ModelConfig(weights=None, resolution=32, head_units=16, dropout=0.0)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 10, (8,))
@@ -469,7 +470,7 @@ def test_sigkill_mid_epoch_in_both_phases_then_resume(assets, tmp_path):
         "--set",
         "data.download=false",
         "--set",
-        "model.image_size=32",
+        "model.resolution=32",
         "--set",
         "data.train_split=train[:600]",
         "--set",

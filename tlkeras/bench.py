@@ -1,6 +1,6 @@
 """Measure on this machine, each figure beside its baseline from the same run.
 
-    python -m tlkeras.bench [--quick] [--run-dir RUN | --backbone mobilenet_v2 --image-size 128]
+    python -m tlkeras.bench [--quick] [--run-dir RUN | --backbone mobilenet_v2 --resolution 128]
 
 Prints one JSON line per figure:
   {"metric": ..., "unit": ..., "ours": ..., "baseline": ..., "ratio": ..., "config": ...}
@@ -19,7 +19,7 @@ and the seconds of its PGD guard per epoch.
 MobileNetV2 adds the FLOP/s of a depthwise convolution against a pointwise one: what
 limits the depthwise separable blocks on a CPU.
 With --run-dir (a CIFAR-10 run of either base) the run's exported model is timed;
-otherwise a freshly built one (--backbone, --image-size; latency does not depend on the
+otherwise a freshly built one (--backbone, --resolution; latency does not depend on the
 weight values). Run it on an otherwise idle machine.
 """
 
@@ -116,7 +116,7 @@ def bench_inference(savedmodel: Path, onnx_path: Path, quick: bool, mcfg) -> lis
                     achieved_gflops=round(flops / 1e9, 1),
                     peak_gflops=round(peak / 1e9, 1),
                     backbone=mcfg.backbone,
-                    image_size=mcfg.image_size,
+                    resolution=mcfg.resolution,
                     note="baseline 1.0 is the measured float32 matmul peak",
                 )
             )
@@ -225,7 +225,9 @@ def cifar10_info():
     """The benchmark's data: CIFAR-10's shape (names do not matter to a timing)."""
     from tlkeras.data import DatasetInfo
 
-    return DatasetInfo(name="cifar10", source="tfds", image_size=32, class_names=tuple(f"class_{i}" for i in range(10)))
+    return DatasetInfo(
+        name="cifar10", source="tfds", storage_size=32, class_names=tuple(f"class_{i}" for i in range(10))
+    )
 
 
 def conv_macs(model, depthwise_only: bool = False) -> tuple[int, int, int]:
@@ -272,7 +274,7 @@ def matmul_peak(dtype: str, n: int = 2048, repeats: int = 10) -> float:
 
 
 def _model(precision: str, mcfg):
-    """mcfg: a ModelConfig (backbone, weights, image_size), built for CIFAR-10's shape."""
+    """mcfg: a ModelConfig (backbone, weights, resolution), built for CIFAR-10's shape."""
     import keras
 
     from tlkeras.model import build_model
@@ -314,7 +316,7 @@ def bench_finetune(quick: bool, mcfg, unfreeze: str) -> list[dict[str, Any]]:
     flops = rates[ours_precision] * 2 * macs
     compute = "bfloat16" if "bfloat16" in ours_precision else "float32"
     peak = matmul_peak(compute)
-    setup = dict(backbone=mcfg.backbone, unfreeze=unfreeze, image_size=mcfg.image_size, batch=64, steps=steps)
+    setup = dict(backbone=mcfg.backbone, unfreeze=unfreeze, resolution=mcfg.resolution, batch=64, steps=steps)
     return [
         figure(
             "finetune_images_per_second",
@@ -377,7 +379,7 @@ def bench_adversarial(quick: bool, cfg) -> list[dict[str, Any]]:
     setup = dict(
         backbone=cfg.model.backbone,
         unfreeze=f.unfreeze,
-        image_size=cfg.model.image_size,
+        resolution=cfg.model.resolution,
         batch=64,
         steps=steps,
         precision=precision,
@@ -461,16 +463,16 @@ def bench_phase1(cfg, quick: bool) -> list[dict[str, Any]]:
     from tlkeras.policies import choose_precision, read_cpu_flags
     from tlkeras.training import cached_feature_data, compile_for_phase
 
-    epochs, image_size = 5, 32 if quick else cfg.model.image_size
+    epochs, resolution = 5, 32 if quick else cfg.model.resolution
     train_split, val_split = ("train[:2000]", "train[48000:49000]") if quick else ("train[:5000]", "train[48000:]")
     data = dataclasses.replace(cfg.data, download=False, batch_size=64, train_split=train_split, val_split=val_split)
     head = dataclasses.replace(cfg.head, epochs=epochs, mirrored_features=True)
     runtime = dataclasses.replace(cfg.runtime, jit_compile=False, steps_per_execution=1)
     cfg = dataclasses.replace(
-        cfg, data=data, head=head, runtime=runtime, model=dataclasses.replace(cfg.model, image_size=image_size)
+        cfg, data=data, head=head, runtime=runtime, model=dataclasses.replace(cfg.model, resolution=resolution)
     )
-    splits = make_datasets(data, cfg.seed, image_size)
-    shuffled = make_datasets(dataclasses.replace(data, augment=False), cfg.seed, image_size).train
+    splits = make_datasets(data, cfg.seed, resolution)
+    shuffled = make_datasets(dataclasses.replace(data, augment=False), cfg.seed, resolution).train
 
     def run(precision: str, cached: bool) -> tuple[float, float]:
         """Seconds and final val accuracy; the keras.io recipe when not `cached`."""
@@ -501,7 +503,7 @@ def bench_phase1(cfg, quick: bool) -> list[dict[str, Any]]:
     setup = dict(
         backbone=cfg.model.backbone,
         epochs=epochs,
-        image_size=image_size,
+        resolution=resolution,
         train_images=splits.num_train,
         val_images=splits.num_val,
         batch=64,
@@ -549,7 +551,7 @@ def bench_pipeline(cfg, quick: bool):
     model_rate = batch * steps / (time.perf_counter() - start)
 
     data = dataclasses.replace(cfg.data, download=False, train_split="train[:5000]" if quick else cfg.data.train_split)
-    splits = make_datasets(data, cfg.seed, cfg.model.image_size)
+    splits = make_datasets(data, cfg.seed, cfg.model.resolution)
     for _ in splits.train:  # first pass fills the cache, as the first epoch does
         pass
     start = time.perf_counter()
@@ -563,7 +565,7 @@ def bench_pipeline(cfg, quick: bool):
             model_rate,
             baseline_setup="frozen-base forward images/s (the fastest consumer)",
             images=count,
-            image_size=cfg.model.image_size,
+            resolution=cfg.model.resolution,
             note="ratio > 1: the pipeline outpaces the model",
         )
     ]
@@ -571,9 +573,10 @@ def bench_pipeline(cfg, quick: bool):
 
 def exported_model(run_dir: Path | None, workdir: Path, mcfg) -> tuple[Path, Path]:
     if run_dir is not None:
-        if not (run_dir / "summary.json").is_file():
-            raise UserError(f"'{run_dir}' holds no finished run (no summary.json)")
-        summary = json.loads((run_dir / "summary.json").read_text())
+        from tlkeras import rundir
+
+        rundir.check_run(run_dir)
+        summary = rundir.read_json(run_dir / rundir.SUMMARY)
         if not summary.get("exports"):
             raise UserError(f"run '{run_dir}' has no export; run python -m tlkeras.export --run-dir {run_dir}")
         last = summary["exports"][-1]
@@ -598,9 +601,9 @@ def run_config(run_dir: Path | None):
     if run_dir is None:
         return None
     from tlkeras.config import load_config
+    from tlkeras.rundir import check_run
 
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"'{run_dir}' is not a run folder (no config.yaml); pass the --run-dir of a training run")
+    check_run(run_dir, finished=False)
     cfg = load_config(run_dir / "config.yaml")
     if cfg.data.dataset != "cifar10":
         # Its baselines (the keras.io recipe on tfds CIFAR-10, int8 calibration) are CIFAR-10's.
@@ -612,8 +615,8 @@ def run_config(run_dir: Path | None):
     return cfg
 
 
-def image_size(text: str) -> int:
-    """--image-size: an int of at least 32 (the smallest input either base accepts)."""
+def resolution(text: str) -> int:
+    """--resolution: an int of at least 32 (the smallest input either base accepts)."""
     import argparse
 
     if not text.isdigit() or int(text) < 32:
@@ -634,7 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         help="without --run-dir: the base of the fresh model (default vgg16)",
     )
     parser.add_argument(
-        "--image-size", type=image_size, metavar="PX", help="without --run-dir: the model's input size (default 32)"
+        "--resolution", type=resolution, metavar="PX", help="without --run-dir: the model's input size (default 32)"
     )
     parser.add_argument(
         "--only",
@@ -650,9 +653,9 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> None:
         from tlkeras.config import ModelConfig
 
-        if args.run_dir and (args.backbone or args.image_size):
+        if args.run_dir and (args.backbone or args.resolution):
             raise UserError(
-                "--backbone and --image-size describe a fresh model; with --run-dir "
+                "--backbone and --resolution describe a fresh model; with --run-dir "
                 "the run's own are timed: drop them, or drop --run-dir"
             )
         if not args.run_dir and wanted <= {"phase1", "pipeline", "adversarial"}:
@@ -661,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         mcfg = (
             cfg.model
             if cfg
-            else ModelConfig(backbone=args.backbone or "vgg16", weights=None, image_size=args.image_size or 32)
+            else ModelConfig(backbone=args.backbone or "vgg16", weights=None, resolution=args.resolution or 32)
         )
         if "inference" in wanted:
             with tempfile.TemporaryDirectory() as tmp:

@@ -22,8 +22,9 @@ from typing import Any
 
 import yaml
 
+from tlkeras.bases import BASES
 from tlkeras.errors import ConfigError
-from tlkeras.policies import BASE_LABELS, BASE_LAYERS, unfreeze_start
+from tlkeras.policies import unfreeze_start
 
 
 @dataclass
@@ -47,8 +48,8 @@ class DataConfig:
     test_fraction: float = 0.1  # of train, when there is no test (or val) split to use
     # Storage size S: every image is centre-cropped to a square and resized to S x S
     # (aspect ratio kept, edges of non-square images cropped). null: the dataset's own
-    # square size (32 for CIFAR-10), else model.image_size.
-    image_size: int | None = None
+    # square size (32 for CIFAR-10), else model.resolution.
+    storage_size: int | None = None
     batch_size: int = 256  # global: split evenly across replicas
     shuffle_buffer: int = 10_000
     augment: bool = True  # random flip + random translation (S/8), train split only
@@ -62,9 +63,9 @@ class ModelConfig:
     # on a 2-core CPU; its BatchNorm layers stay frozen, in inference mode, in both phases).
     backbone: str = "vgg16"
     # "imagenet", null (random init) or a path to the backbone's notop weights file
-    # (.h5 or Keras 3 .weights.h5; tlkeras.model.BACKBONES names the Keras file of each)
+    # (.h5 or Keras 3 .weights.h5; tlkeras.bases.BASES names the Keras file of each)
     weights: str | None = "imagenet"
-    image_size: int = 224  # the data's S x S images are resized to this inside the model
+    resolution: int = 224  # the model's input resolution: the data's S x S images are resized to this inside the model
     head_units: int = 256
     dropout: float = 0.5
 
@@ -158,16 +159,17 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
 
+RENAMED = {"data.image_size": "data.storage_size", "model.image_size": "model.resolution"}
 CHOICES = {
-    "model.backbone": tuple(BASE_LAYERS),  # vgg16, mobilenet_v2: the keys of tlkeras.model.BACKBONES
+    "model.backbone": tuple(BASES),  # vgg16, mobilenet_v2
     "runtime.strategy": ("auto", "default", "mirrored", "multi_worker"),
     "runtime.mixed_precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
 }
 POSITIVE = (
     "data.batch_size",
-    "data.image_size",
+    "data.storage_size",
     "data.shuffle_buffer",
-    "model.image_size",
+    "model.resolution",
     "model.head_units",
     "head.epochs",
     "head.learning_rate",
@@ -241,8 +243,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.dataset is empty; give a tfds name (cifar10) or a folder path")
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
-    layers, blocks = BASE_LAYERS[cfg.model.backbone]
-    unfreeze_start(layers, blocks, cfg.finetune.unfreeze, BASE_LABELS[cfg.model.backbone])  # now, not after phase 1
+    base = BASES[cfg.model.backbone]
+    unfreeze_start(base.layers, base.blocks, cfg.finetune.unfreeze, base.label)  # now, not after phase 1
     if not 0 <= cfg.seed < 2**32:  # Keras's set_random_seed range
         raise ConfigError(f"seed={cfg.seed} must be between 0 and 2**32 - 1")
     if cfg.name is not None and (not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.name) or cfg.name in (".", "..")):
@@ -254,8 +256,8 @@ def validate(cfg: Config) -> None:
             f"export.name={cfg.export.name!r} must be a plain folder name (letters, digits, "
             f"'_', '-', '.') other than 'onnx', e.g. tlkeras"
         )
-    if cfg.model.image_size < 32:
-        raise ConfigError(f"model.image_size={cfg.model.image_size} must be at least 32")
+    if cfg.model.resolution < 32:
+        raise ConfigError(f"model.resolution={cfg.model.resolution} must be at least 32")
 
 
 def is_folder(dataset: str) -> bool:
@@ -380,6 +382,8 @@ def _build(cls: type, tree: dict, prefix: str):
     kwargs = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
+        if dotted in RENAMED:
+            raise ConfigError(f"config key '{dotted}' is now '{RENAMED[dotted]}'; rename it")
         if key not in names:
             known = [f"{prefix}{n}" for n in names]
             close = difflib.get_close_matches(dotted, known, n=1)

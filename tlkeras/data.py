@@ -1,6 +1,6 @@
 """The input pipeline: any tfds image dataset or a folder of class subfolders, as raw uint8.
 
-    splits = make_datasets(cfg.data, seed=0, model_size=cfg.model.image_size)
+    splits = make_datasets(cfg.data, seed=0, model_size=cfg.model.resolution)
     splits.info   # DatasetInfo: class names, storage size S, counts
     splits.train  # ((batch, S, S, 3) uint8, (batch,) int64), augmented and shuffled
 
@@ -32,6 +32,7 @@ import tensorflow_datasets as tfds
 
 from tlkeras.config import DataConfig, is_folder
 from tlkeras.errors import ConfigError, UserError
+from tlkeras.files import write_atomic
 from tlkeras.images import FILE_LIMITS, ImageError, composite_in_graph, decode_file, fit_square
 from tlkeras.policies import assign_splits, carve_counts, storage_size
 
@@ -48,14 +49,14 @@ class DatasetInfo:
     """The one description of the data that the model, export, predict and reports read.
 
     Written to `<run>/dataset.json` before training; exports carry `class_names` and
-    `image_size`. `image_size` is the storage size S: every split yields uint8
-    [S, S, 3] images (the model resizes S to `model.image_size`).
+    `storage_size`. `storage_size` is S: every split yields uint8
+    [S, S, 3] images (the model resizes S to `model.resolution`).
     """
 
     name: str  # tfds name, or the folder as given in data.dataset
     source: str  # "tfds" | "folder"
     class_names: tuple[str, ...]
-    image_size: int
+    storage_size: int
     num_train: int = 0
     num_val: int = 0
     num_test: int = 0
@@ -76,6 +77,7 @@ class DatasetInfo:
     @classmethod
     def from_dict(cls, d: dict) -> DatasetInfo:
         names = {f.name for f in dataclasses.fields(cls)}
+        d = {"storage_size": d.get("image_size"), **d}  # run folders written before the rename
         d = {k: v for k, v in d.items() if k in names}
         return cls(
             **{
@@ -188,7 +190,7 @@ def _tfds_source(cfg: DataConfig, model_size: int):
     class_names = tuple(builder.info.features[label_key].names)
     height, width, _ = builder.info.features[image_key].shape
     native = height if height is not None and height == width else None
-    size = storage_size(cfg.image_size, native, model_size)
+    size = storage_size(cfg.storage_size, native, model_size)
 
     explicit = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}
     specs = dict(explicit)
@@ -372,11 +374,9 @@ def scan_images(files: list[Path]) -> dict[str, str]:
     bad = {str(p): r for p, r in zip(files, reasons) if r is not None}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"files": len(files), "bad": bad}))
-        os.replace(tmp, cache)
-    except OSError as e:  # a read-only home only costs a rescan next time
-        log.warning("data: could not cache the scan in %s (%s)", cache.parent, e.strerror)
+        write_atomic(cache, json.dumps({"files": len(files), "bad": bad}))
+    except (OSError, UserError) as e:  # a read-only home only costs a rescan next time
+        log.warning("data: could not cache the scan in %s (%s)", cache.parent, getattr(e, "strerror", None) or e)
     return bad
 
 
@@ -477,7 +477,7 @@ def _folder_source(cfg: DataConfig, model_size: int, seed: int):
             source[role] = f"{where}, stratified {fractions[role == 'test']:.0%} (seed {seed})"
     members = {role: {os.path.realpath(p) for p, _ in pairs} for role, pairs in lists.items()}
     warn_overlap(list(members), lambda a, b: len(members[a] & members[b]), source)
-    size = storage_size(cfg.image_size, None, model_size)
+    size = storage_size(cfg.storage_size, None, model_size)
 
     def read(path):
         # Pillow, not tf.io: EXIF orientation, transparency and GIF/BMP decoded as a
@@ -604,7 +604,7 @@ def first_test_images(cfg: DataConfig, seed: int, model_size: int, count: int) -
 def make_datasets(cfg: DataConfig, seed: int = 0, model_size: int = 224) -> Splits:
     """Train (shuffled, augmented), plain train, val and test splits, and their DatasetInfo.
 
-    Images: uint8 [batch, S, S, 3]; labels: int64 [batch]. S is `data.image_size`, else
+    Images: uint8 [batch, S, S, 3]; labels: int64 [batch]. S is `data.storage_size`, else
     the dataset's own square size (32 for CIFAR-10), else `model_size`.
     Raises UserError / ConfigError for a missing dataset or folder, bad split strings,
     a folder with fewer than 2 classes or unreadable classes, and empty splits.
@@ -623,7 +623,7 @@ def make_datasets(cfg: DataConfig, seed: int = 0, model_size: int = 224) -> Spli
         name=cfg.dataset,
         source=kind,
         class_names=class_names,
-        image_size=size,
+        storage_size=size,
         num_train=counts[0],
         num_val=counts[1],
         num_test=counts[2],

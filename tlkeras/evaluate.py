@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from tlkeras import rundir
 from tlkeras.console import quiet_libraries
 from tlkeras.errors import ArgumentParser, UserError, run_cli
 
 log = logging.getLogger("tlkeras")
 
-REPORT = "report.json"
 RELIABILITY_PNG = "reliability.png"
 GALLERY_PNG = "misclassified.png"
 ECE_BINS = 15  # Guo et al. 2017 (and Naeini et al. 2015) use 15 equal-width bins
@@ -174,20 +174,6 @@ def val_temperature(logits_fn, val, seed: int = 0) -> tuple[float, dict[str, Any
     return temperature, {**evidence, "fitted_on": f"val ({len(val_y)} images)"}
 
 
-def fold_temperature(model, temperature: float):
-    """A copy of `model` (from build_model) whose outputs are softmax(logits / T): the last
-    Dense's kernel and bias divided by T, since softmax((x W + b) / T) = softmax(x (W / T) +
-    b / T). The graph is unchanged, so its exports keep their contract; `model` is untouched."""
-    import keras
-
-    copy = keras.models.clone_model(model)
-    copy.set_weights(model.get_weights())
-    head = copy.layers[-1]
-    head.kernel.assign(head.kernel / temperature)
-    head.bias.assign(head.bias / temperature)
-    return copy
-
-
 # ----------------------------------------------------------------------------- predictions
 
 
@@ -249,7 +235,7 @@ def subset(n: int, k: int | None, seed: int) -> np.ndarray:
 def published_corruptions(cfg, info) -> str | None:
     """The tfds data_dir holding cifar10_corrupted when the run is CIFAR-10's test split at
     32x32 (the published set's images), else None: corruptions are generated instead."""
-    if cfg.data.dataset != "cifar10" or info.image_size != 32 or info.splits.get("test") != "test":
+    if cfg.data.dataset != "cifar10" or info.storage_size != 32 or info.splits.get("test") != "test":
         return None
     data_dir = Path(cfg.data.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")).expanduser()
     return str(data_dir) if (data_dir / "cifar10_corrupted").is_dir() else None
@@ -406,9 +392,7 @@ def trust_report(model, cfg, splits, run_dir: Path, quick: bool = False, test=No
     report["reliability_diagram"] = RELIABILITY_PNG
     report["misclassified_gallery"] = GALLERY_PNG
     report["wall_time_s"] = round(time.perf_counter() - start, 1)
-    from tlkeras import rundir
-
-    rundir.write_json(run_dir / REPORT, report)
+    rundir.write_json(run_dir / rundir.REPORT, report)
     log_table(report)
     return report
 
@@ -451,10 +435,11 @@ def log_table(r: dict[str, Any]) -> None:
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with rundir.atomic(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
 
 
 def save_reliability_png(probs, probs_t, labels, temperature: float, path: Path) -> None:
@@ -511,50 +496,66 @@ def save_gallery_png(images, labels, probs, class_names, path: Path, count: int 
     _save(fig, path)
 
 
-# ----------------------------------------------------------------------------- the command
+def test_metrics(preds: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]) -> dict[str, Any]:
+    """Test accuracy, per-class accuracy (keyed by class name; None for a class with no test
+    image) and the confusion matrix (rows: true class, columns: predicted, in class-index
+    order) of predicted classes `preds` int [n] against `labels` int [n]."""
+    k = len(class_names)
+    matrix = np.bincount(labels * k + preds, minlength=k * k).reshape(k, k)
+    counts = matrix.sum(axis=1)
+    per_class = [
+        round(float(c / n), 4) if n else None  # None: no test image of that class
+        for c, n in zip(matrix.diagonal(), counts)
+    ]
+    return {
+        "test_accuracy": float((preds == labels).mean()),
+        "test_examples": int(labels.size),
+        "per_class_test_accuracy": dict(zip(class_names, per_class)),
+        "confusion_matrix": matrix.tolist(),
+    }
 
 
-def check_run_dir(run_dir: Path) -> None:
-    """One-line errors before TensorFlow loads: the folder and a finished run in it."""
-    if not run_dir.is_dir():
-        raise UserError(f"run folder '{run_dir}' not found; pass the --run-dir of a training run")
-    from tlkeras.rundir import SUMMARY
+def save_confusion_png(matrix: list[list[int]], class_names: tuple[str, ...], title: str, path: Path) -> None:
+    """Row-normalised confusion matrix; counts in the cells up to 20 classes, and a figure
+    that grows with the class count so 100+ names stay legible."""
+    import matplotlib
 
-    unfinished = "the run has not finished: rerun its train command to resume it"
-    for name, why in (
-        ("config.yaml", "not a tlkeras run folder"),
-        (SUMMARY, unfinished),
-        ("model.keras", unfinished),
-        ("dataset.json", "not a tlkeras run folder"),
-    ):
-        if not (run_dir / name).is_file():
-            raise UserError(f"'{run_dir / name}' not found: {why}")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-
-def load_run(run_dir: Path):
-    """(config, DatasetInfo, float32 model with the run's shipped weights) of a finished
-    run; UserError naming the file when one of them is damaged."""
-    import keras
-
-    from tlkeras import rundir
-    from tlkeras.config import load_config
-    from tlkeras.model import build_model  # also registers the preprocessing layers
-
-    cfg = load_config(run_dir / "config.yaml")
-    info = rundir.load_dataset(run_dir)
-    # Rebuilt in float32 whatever the training precision, as training's own export does.
-    keras.mixed_precision.set_global_policy("float32")
-    model = build_model(cfg.model, info, load_weights=False)
-    path = run_dir / "model.keras"
+    m = np.asarray(matrix)
+    k = len(class_names)
+    side = max(6.0, 0.16 * k + 2)  # about 0.16 inch per class: 102 classes -> 18 inches
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    ax.imshow(m / np.maximum(m.sum(axis=1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
+    if k <= 20:
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(
+                j,
+                i,
+                str(v),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if v > m.sum(axis=1)[i] / 2 else "black",
+            )
+    font = 9 if k <= 20 else 6
+    ax.set_xticks(
+        range(k), class_names, rotation=90 if k > 20 else 45, ha="center" if k > 20 else "right", fontsize=font
+    )
+    ax.set_yticks(range(k), class_names, fontsize=font)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{title} test, accuracy {m.trace() / max(m.sum(), 1):.3f}")
+    fig.tight_layout()
     try:
-        model.set_weights(keras.models.load_model(path).get_weights())
-    except Exception as e:  # zipfile, h5py and Keras each raise their own kind for a damaged file
-        reason = " ".join(str(e).split())[:160] or type(e).__name__
-        raise UserError(
-            f"'{path}' cannot be loaded ({reason}): the file is damaged; restore it, "
-            f"or train again with a new --run-dir"
-        ) from None
-    return cfg, info, model
+        with rundir.atomic(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
+    finally:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the command
 
 
 def evaluate_run(run_dir: Path, quick: bool = False) -> dict[str, Any]:
@@ -563,26 +564,18 @@ def evaluate_run(run_dir: Path, quick: bool = False) -> dict[str, Any]:
 
     from tlkeras.data import make_datasets
 
-    check_run_dir(run_dir)
-    cfg, info, model = load_run(run_dir)
+    rundir.check_run(run_dir)
+    cfg, info, model = rundir.load_run(run_dir)
     data = dataclasses.replace(cfg.data, download=False, cache=False, augment=False)
-    splits = make_datasets(data, cfg.seed, cfg.model.image_size)
+    splits = make_datasets(data, cfg.seed, cfg.model.resolution)
     if splits.info.class_names != info.class_names or splits.info.num_test != info.num_test:
         raise UserError(
             f"the data of run '{run_dir}' has changed since training (classes or test "
             f"count differ from dataset.json); restore it to evaluate this run"
         )
-    from tlkeras import rundir
-
-    handler = logging.FileHandler(run_dir / "train.log")  # the table joins the run's log
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.addHandler(handler)
-    try:
-        with rundir.locked(run_dir):  # one writer: not beside a train or another evaluate
-            return trust_report(model, cfg, splits, run_dir, quick)
-    finally:
-        log.removeHandler(handler)
-        handler.close()
+    # One writer: not beside a train or another evaluate; the table joins the run's log.
+    with rundir.locked(run_dir), rundir.logging_to(run_dir):
+        return trust_report(model, cfg, splits, run_dir, quick)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -596,10 +589,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     def run() -> None:
-        check_run_dir(args.run_dir)  # seconds, before TensorFlow loads
+        rundir.check_run(args.run_dir)  # seconds, before TensorFlow loads
         quiet_libraries(args.debug)
         evaluate_run(args.run_dir, args.quick)
-        print(f"wrote {args.run_dir / REPORT}, {RELIABILITY_PNG}, {GALLERY_PNG}")
+        print(f"wrote {args.run_dir / rundir.REPORT}, {RELIABILITY_PNG}, {GALLERY_PNG}")
 
     return run_cli(run, args.debug)
 

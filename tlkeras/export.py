@@ -226,13 +226,13 @@ def export_model(
     """Builds, verifies and publishes version N+1 of both formats; returns their record.
 
     `images`: uint8 [n, S, S, 3] for the parity gate; `class_names` in class-index order.
-    `temperature` T != 1: both formats output softmax(logits / T) (evaluate.fold_temperature;
+    `temperature` T != 1: both formats output softmax(logits / T) (model.fold_temperature;
     same classes, calibrated probabilities), and the gate compares them with the Keras
     model calibrated the same way. Raises ExportError (nothing published) when an export
     disagrees with the Keras model.
     """
     if temperature != 1.0:
-        from tlkeras.evaluate import fold_temperature
+        from tlkeras.model import fold_temperature
 
         model = fold_temperature(model, temperature)
     base = Path(base)
@@ -271,7 +271,6 @@ def export_model(
         "onnx_bytes": (onnx_final / "model.onnx").stat().st_size,
         "opset": OPSET,
         "image_size": int(images.shape[1]),
-        "class_names": list(class_names),
         "temperature": temperature,
         "parity": checks,
     }
@@ -285,12 +284,12 @@ def parity_images(cfg, info, count: int = 64) -> np.ndarray:
 
     try:  # never download here: offline, tfds would retry for minutes
         data = dataclasses.replace(cfg.data, download=False)
-        images = first_test_images(data, cfg.seed, cfg.model.image_size, count)
-        if images.shape[1:] == (info.image_size, info.image_size, 3):
+        images = first_test_images(data, cfg.seed, cfg.model.resolution, count)
+        if images.shape[1:] == (info.storage_size, info.storage_size, 3):
             return images
     except UserError:  # no data: generated images still exercise every op
         pass
-    size = info.image_size
+    size = info.storage_size
     return np.random.default_rng(0).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
 
 
@@ -299,13 +298,12 @@ def run_temperature(run_dir: Path, cfg, summary: dict | None) -> float:
     else summary.json's (fitted at the end of training), else report.json's (a later
     `python -m tlkeras.evaluate`), else 1 (never fitted: said in the log)."""
     from tlkeras import rundir
-    from tlkeras.evaluate import REPORT
 
     if not cfg.evaluate.fold_temperature:
         return 1.0
     if summary and summary.get("temperature"):
         return float(summary["temperature"])
-    report = rundir.read_json(run_dir / REPORT)
+    report = rundir.read_json(run_dir / rundir.REPORT)
     if report:
         return float(report["calibration"]["temperature"])
     import logging
@@ -325,18 +323,12 @@ def export_run(
     """Exports run_dir/model.keras and records the result in summary.json."""
     from tlkeras import rundir
     from tlkeras.config import load_config
-    from tlkeras.evaluate import load_run
 
-    model_path = run_dir / "model.keras"
-    if not model_path.is_file():
-        raise UserError(
-            f"'{model_path}' not found: --run-dir must name a finished training run "
-            f"(python -m tlkeras.train leaves model.keras there)"
-        )
+    rundir.check_run(run_dir, finished=False)  # model.keras is enough (load_run checks it)
     cfg = load_config(run_dir / "config.yaml")
     base = base or Path(cfg.export.base or run_dir / "export")  # where training exports
     with rundir.locked(base, "export base"):  # one writer: versions are numbered by what is there
-        cfg, info, model = load_run(run_dir)
+        cfg, info, model = rundir.load_run(run_dir)
         images = parity_images(cfg, info, parity_count)
         summary = rundir.read_json(run_dir / rundir.SUMMARY)
         with writing(base, "the export", 3 * sum(w.nbytes for w in model.get_weights())):

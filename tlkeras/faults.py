@@ -195,8 +195,8 @@ def check(run_dir: Path, reference: dict[str, Any] | None) -> dict[str, Any]:
     from tlkeras import model as _  # noqa: F401  registers the preprocessing layers for load_model
     from tlkeras import rundir
     from tlkeras.config import load_config
-    from tlkeras.evaluate import fold_temperature
     from tlkeras.export import TOLERANCE, run_onnx, run_tf1_session
+    from tlkeras.model import fold_temperature
 
     cfg = load_config(run_dir / "config.yaml")
     with (run_dir / "metrics.csv").open() as f:
@@ -208,9 +208,9 @@ def check(run_dir: Path, reference: dict[str, Any] | None) -> dict[str, Any]:
     summary = rundir.read_json(run_dir / "summary.json") or {}
     model = keras.models.load_model(run_dir / "model.keras")
     info = rundir.load_dataset(run_dir)
-    images = np.random.default_rng(0).integers(0, 256, (16, info.image_size, info.image_size, 3), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (16, info.storage_size, info.storage_size, 3), dtype=np.uint8)
     # Exports answer softmax(logits / T) with the run's fitted temperature folded in
-    # (evaluate.fold_temperature): compare each with the model calibrated the same way.
+    # (model.fold_temperature): compare each with the model calibrated the same way.
     temperatures = {str(r["version"]): r.get("temperature") or 1.0 for r in summary.get("exports", [])}
     exports = []
     base = Path(cfg.export.base or run_dir / "export")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tlkeras.errors import ArgumentParser, UserError, run_cli
+from tlkeras.rundir import DATASET, SUMMARY, atomic, check_run
 
 
 def read_point(run_dir: Path) -> dict[str, Any]:
@@ -26,20 +27,20 @@ def read_point(run_dir: Path) -> dict[str, Any]:
     run folder (no summary.json: not finished) or its files are unreadable."""
     from tlkeras.config import load_config
 
-    if not run_dir.is_dir():
-        raise ValueError("no such folder" if not run_dir.exists() else "not a folder")
-    for name, why in (("config.yaml", "not a tlkeras run folder"), ("summary.json", "not finished")):
-        if not (run_dir / name).is_file():
-            raise ValueError(f"{why} (no {name})")
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
+        check_run(run_dir)
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    try:
+        summary = json.loads((run_dir / SUMMARY).read_text())
         cfg = load_config(run_dir / "config.yaml")
+        dataset = json.loads((run_dir / DATASET).read_text())
         return {
             "run": str(run_dir),
             "dataset": cfg.data.dataset,
             "backbone": cfg.model.backbone,
-            "train_images": int(summary["dataset"]["num_train"]),
-            "image_size": cfg.model.image_size,
+            "train_images": int(dataset["num_train"]),
+            "resolution": cfg.model.resolution,
             "unfreeze": cfg.finetune.unfreeze if cfg.finetune.epochs else "none",
             "finetune_epochs": cfg.finetune.epochs,
             "minutes": round(float(summary["wall_time_s"]) / 60, 1),
@@ -47,7 +48,9 @@ def read_point(run_dir: Path) -> dict[str, Any]:
         }
     except (OSError, ValueError, KeyError, TypeError, UserError) as e:  # JSON, YAML, missing keys
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"unreadable summary.json or config.yaml ({type(e).__name__}: {reason})") from None
+        raise ValueError(
+            f"unreadable summary.json, config.yaml or dataset.json ({type(e).__name__}: {reason})"
+        ) from None
 
 
 def check_out(path: Path) -> None:
@@ -80,7 +83,7 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
             ax.plot([p["minutes"] for p in line], [p["test_accuracy"] for p in line], "o-", label=backbone)
             for p in line:
                 ax.annotate(
-                    f"{p['image_size']}px, {p['unfreeze']}",
+                    f"{p['resolution']}px, {p['unfreeze']}",
                     (p["minutes"], p["test_accuracy"]),
                     fontsize=7,
                     xytext=(4, -10),
@@ -93,13 +96,11 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, path)
+        with atomic(path) as tmp:
+            fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|---|---|---|---|---|")
         for p in sorted(points, key=lambda p: (p["train_images"], p["backbone"], p["minutes"])):
             print(
-                f"| {p['backbone']} | {p['train_images']} | {p['image_size']} | {p['unfreeze']} | "
+                f"| {p['backbone']} | {p['train_images']} | {p['resolution']} | {p['unfreeze']} | "
                 f"{p['finetune_epochs']} | {p['minutes']} | {p['test_accuracy']:.4f} | {p['run']} |"
             )
         if len({p["dataset"] for p in points}) > 1:

@@ -5,24 +5,23 @@
 
 Because resizing and the base's input transform are layers of the model, a SavedModel or
 ONNX export takes raw uint8 pixels and no client has to know about ImageNet means.
-A second base is one row of BACKBONES below.
+A second base is one row of tlkeras.bases.BASES and its input transform in PREPROCESS below.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import keras
 
+from tlkeras.bases import BASES, Base
 from tlkeras.config import ModelConfig
 from tlkeras.errors import UserError
-from tlkeras.policies import BASE_LAYERS, unfreeze_start
+from tlkeras.policies import unfreeze_start
 
-if TYPE_CHECKING:  # only .image_size and .num_classes are read: no tfds import for config checks
+if TYPE_CHECKING:  # only .storage_size and .num_classes are read: no tfds import for config checks
     from tlkeras.data import DatasetInfo
 
 FEATURES = "pool"  # the frozen part ends here: phase 1 computes it once and caches it
@@ -58,42 +57,12 @@ class MobileNetV2Preprocess(_Preprocess):
     transform = staticmethod(keras.applications.mobilenet_v2.preprocess_input)
 
 
-@dataclass(frozen=True)
-class Backbone:
-    application: Callable[..., keras.Model]  # keras.applications constructor
-    preprocess: type[_Preprocess]  # its input transform (Keras pairs each with preprocess_input)
-    # The base's layer names after its input layer, in order, and its unfreeze points naming
-    # a group: policies.BASE_LAYERS, so that a config is checked without importing Keras.
-    layers: tuple[str, ...]
-    blocks: tuple[str, ...]
-    features: int  # channels of the pooled features (split_at_features' extractor output)
-    weights_file: str  # the notop file Keras downloads for weights="imagenet"
-
-    @property
-    def label(self) -> str:  # "VGG16", "MobileNetV2": for messages
-        return self.application.__name__
+# The input transform of each base of tlkeras.bases.BASES (Keras pairs each application
+# with its own preprocess_input).
+PREPROCESS = {"vgg16": VGG16Preprocess, "mobilenet_v2": MobileNetV2Preprocess}
 
 
-# Each base layer is named after its key, so a model says which base it holds.
-BACKBONES = {
-    "vgg16": Backbone(
-        keras.applications.VGG16,
-        VGG16Preprocess,
-        *BASE_LAYERS["vgg16"],
-        features=512,
-        weights_file="vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-    ),
-    "mobilenet_v2": Backbone(
-        keras.applications.MobileNetV2,
-        MobileNetV2Preprocess,
-        *BASE_LAYERS["mobilenet_v2"],
-        features=1280,
-        weights_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
-    ),
-}
-
-
-def resolve_weights(weights: str | None, backbone: Backbone) -> str | None:
+def resolve_weights(weights: str | None, backbone: Base) -> str | None:
     """'imagenet' and None pass through to Keras; anything else must be a readable file."""
     if weights in (None, "imagenet"):
         return weights
@@ -106,17 +75,17 @@ def resolve_weights(weights: str | None, backbone: Backbone) -> str | None:
     return str(path)
 
 
-def build_base(name: str, weights: str | None, image_size: int) -> keras.Model:
-    """BACKBONES[name] without its top, as a layer named `name`."""
-    backbone = BACKBONES[name]
+def build_base(name: str, weights: str | None, resolution: int) -> keras.Model:
+    """The base BASES[name] without its top, as a layer named `name`."""
+    backbone = BASES[name]
     weights = resolve_weights(weights, backbone)
     try:
         # Keras has MobileNetV2 ImageNet files for inputs 96, 128, 160, 192 and 224; at other
         # sizes it warns and loads the 224 one, which works at any size >= 32.
         with warnings.catch_warnings():  # a wrong file: one line below, not a warning per layer
             warnings.filterwarnings("ignore", message="Skipping nested container")
-            return backbone.application(
-                include_top=False, weights=weights, input_shape=(image_size, image_size, 3), name=name
+            return getattr(keras.applications, backbone.label)(
+                include_top=False, weights=weights, input_shape=(resolution, resolution, 3), name=name
             )
     except Exception as e:  # h5py, Keras and urllib each raise their own kind
         if weights is None:
@@ -138,18 +107,18 @@ def build_base(name: str, weights: str | None, image_size: int) -> keras.Model:
 def build_model(cfg: ModelConfig, info: DatasetInfo, load_weights: bool = True) -> keras.Model:
     """The phase-1 model, base frozen; load_weights=False when a checkpoint follows.
 
-    Input: uint8 RGB [batch, S, S, 3], S = info.image_size (the data's storage size);
+    Input: uint8 RGB [batch, S, S, 3], S = info.storage_size (the data's storage size);
     output: float32 softmax probabilities [batch, info.num_classes].
     """
-    base = build_base(cfg.backbone, cfg.weights if load_weights else None, cfg.image_size)
+    base = build_base(cfg.backbone, cfg.weights if load_weights else None, cfg.resolution)
     base.trainable = False
-    size = info.image_size
+    size = info.storage_size
     inputs = keras.Input((size, size, 3), dtype="uint8", name="images")
-    x = BACKBONES[cfg.backbone].preprocess(name="preprocess")(inputs)
-    if cfg.image_size != size:
+    x = PREPROCESS[cfg.backbone](name="preprocess")(inputs)
+    if cfg.resolution != size:
         # Bilinear weights sum to 1, so resizing commutes with either per-channel affine
         # transform: the order is free.
-        x = keras.layers.Resizing(cfg.image_size, cfg.image_size, dtype="float32", name="resize")(x)
+        x = keras.layers.Resizing(cfg.resolution, cfg.resolution, dtype="float32", name="resize")(x)
     # training=False: the base runs in inference mode (the Keras guide's rule), so its
     # BatchNorm layers normalise with their ImageNet statistics. Under fit, Keras 3.15
     # overrides it (see set_finetune_trainable), which is why BatchNorm also stays frozen.
@@ -169,10 +138,10 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, load_weights: bool = True) 
 def find_base(model: keras.Model) -> tuple[str, keras.Model]:
     """(backbone name, base layer) of a model from build_model: the layer named after its key."""
     names = {layer.name for layer in model.layers}
-    for name in BACKBONES:
+    for name in BASES:
         if name in names:
             return name, model.get_layer(name)
-    raise ValueError(f"model {model.name!r} has no base layer named one of {', '.join(BACKBONES)}")
+    raise ValueError(f"model {model.name!r} has no base layer named one of {', '.join(BASES)}")
 
 
 def set_finetune_trainable(model: keras.Model, unfreeze: str) -> None:
@@ -185,7 +154,7 @@ def set_finetune_trainable(model: keras.Model, unfreeze: str) -> None:
     operation_fn), and small fine-tuning batches would overwrite the ImageNet statistics.
     """
     name, base = find_base(model)
-    backbone = BACKBONES[name]
+    backbone = BASES[name]
     names = [layer.name for layer in base.layers]
     start = unfreeze_start(names, backbone.blocks, unfreeze, backbone.label)
     base.trainable = True
@@ -206,3 +175,15 @@ def split_at_features(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     for layer in model.layers[model.layers.index(pool) + 1 :]:
         x = layer(x)
     return extractor, keras.Model(features, x, name="head")
+
+
+def fold_temperature(model, temperature: float):
+    """A copy of `model` (from build_model) whose outputs are softmax(logits / T): the last
+    Dense's kernel and bias divided by T, since softmax((x W + b) / T) = softmax(x (W / T) +
+    b / T). The graph is unchanged, so its exports keep their contract; `model` is untouched."""
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    head = copy.layers[-1]
+    head.kernel.assign(head.kernel / temperature)
+    head.bias.assign(head.bias / temperature)
+    return copy

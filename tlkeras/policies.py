@@ -101,37 +101,6 @@ def read_cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
         return set()
 
 
-def _mobilenet_v2_layers() -> tuple[str, ...]:
-    """Keras's MobileNetV2 layer names after the input layer: a stem, block 0, blocks 1-16."""
-    middle = ("depthwise", "depthwise_BN", "depthwise_relu", "project", "project_BN")
-    names = ["Conv1", "bn_Conv1", "Conv1_relu", *(f"expanded_conv_{s}" for s in middle)]
-    for b in range(1, 17):
-        p = f"block_{b}_"
-        names += [p + "expand", p + "expand_BN", p + "expand_relu"]
-        names += [p + "pad"] if b in (1, 3, 6, 13) else []  # the stride-2 blocks
-        names += [p + s for s in middle]
-        names += [p + "add"] if b in (2, 4, 5, 7, 8, 9, 11, 12, 14, 15) else []  # residual
-    return (*names, "Conv_1", "Conv_1_bn", "out_relu")
-
-
-# Each base's layer names after its input layer, in order, and the unfreeze points that
-# name a group of them (a block: its first layer and everything above). Plain strings, so
-# finetune.unfreeze is checked when the config loads, without Keras; a test compares them
-# with keras.applications.
-BASE_LAYERS = {
-    "vgg16": (
-        tuple(
-            f"block{b}_{kind}"
-            for b, convs in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
-            for kind in [f"conv{i}" for i in range(1, convs + 1)] + ["pool"]
-        ),
-        ("block1", "block2", "block3", "block4", "block5"),
-    ),
-    "mobilenet_v2": (_mobilenet_v2_layers(), (*(f"block_{b}" for b in range(1, 17)), "Conv_1")),
-}
-BASE_LABELS = {"vgg16": "VGG16", "mobilenet_v2": "MobileNetV2"}
-
-
 def unfreeze_start(layer_names: list[str], blocks: tuple[str, ...], unfreeze: str, base: str) -> int:
     """Index of the first base layer to train in phase 2: "all", a block or a layer name.
 

@@ -40,6 +40,7 @@ import keras
 import numpy as np
 
 from tlkeras.errors import UserError
+from tlkeras.rundir import atomic
 
 log = logging.getLogger("tlkeras")
 # HDF5 attributes of the backup beside what save_weights writes: the epoch's metric state
@@ -206,20 +207,13 @@ class StepBackup(keras.callbacks.BackupAndRestore):
         .weights.h5 ending), the epoch's metric state into its attributes, then one rename."""
         import h5py
 
-        from tlkeras.errors import writing
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".tmp-{os.getpid()}-{self.path.name}")
-        with writing(self.path, "the resume backup", state_bytes(self.model)):
-            try:
-                self.model.save_weights(str(tmp), overwrite=True)
-                with h5py.File(tmp, "a") as f:
-                    state = [np.asarray(v.numpy()).tolist() for m in self.model.metrics for v in m.variables]
-                    f.attrs[METRICS_ATTR] = json.dumps(state)
-                    f.attrs[SEEDS_ATTR] = json.dumps([np.asarray(v.numpy()).tolist() for v in _seed_states(self.model)])
-                os.replace(tmp, self.path)
-            finally:
-                tmp.unlink(missing_ok=True)
+        with atomic(self.path, "the resume backup", state_bytes(self.model)) as tmp:
+            self.model.save_weights(str(tmp), overwrite=True)
+            with h5py.File(tmp, "a") as f:
+                state = [np.asarray(v.numpy()).tolist() for m in self.model.metrics for v in m.variables]
+                f.attrs[METRICS_ATTR] = json.dumps(state)
+                f.attrs[SEEDS_ATTR] = json.dumps([np.asarray(v.numpy()).tolist() for v in _seed_states(self.model)])
         self._last_save = time.monotonic()
 
 

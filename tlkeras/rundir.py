@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import json
+import logging
 import os
 import platform
 import shutil
@@ -32,11 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from tlkeras.config import Config, dump_yaml, is_folder, to_flat_dict
-from tlkeras.errors import UserError, writing
+from tlkeras.errors import UserError
+from tlkeras.files import atomic, write_atomic, write_json  # noqa: F401  (re-exported: run-folder writers)
 
 SUMMARY = "summary.json"
 METRICS = "metrics.csv"
 DATASET = "dataset.json"
+LOG = "train.log"
+MODEL = "model.keras"  # the shipped weights, float32
+REPORT = "report.json"  # the trust report (tlkeras.evaluate)
 
 
 def default_run_dir(cfg: Config) -> Path:
@@ -107,12 +112,26 @@ def locked(folder: Path, what: str = "run folder") -> Iterator[None]:
         f.close()  # releases the lock; the file stays (removing it would race a newcomer)
 
 
+@contextmanager
+def logging_to(run_dir: Path) -> Iterator[logging.Handler]:
+    """The tlkeras logger also writes to `run_dir`/train.log (appended) inside the block."""
+    handler = logging.FileHandler(run_dir / LOG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log = logging.getLogger("tlkeras")
+    log.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
 def record_dataset(run_dir: Path, info) -> None:
     """Writes dataset.json; a resumed run must see the same classes, size and split counts."""
     path = run_dir / DATASET
     before = read_json(path)
     now = info.to_dict()
-    keys = ("class_names", "image_size", "num_train", "num_val", "num_test", "train_class_counts")
+    keys = ("class_names", "storage_size", "num_train", "num_val", "num_test", "train_class_counts")
     changed = [k for k in keys if before is not None and before.get(k) != now[k]]
     if changed:  # images added or removed move the carves and the schedule: not a resume
         k = changed[0]
@@ -121,6 +140,48 @@ def record_dataset(run_dir: Path, info) -> None:
             f"the data now gives {str(now[k])[:80]}; restore the data or pass a new --run-dir"
         )
     write_json(path, now)
+
+
+def check_run(run_dir: Path, finished: bool = True) -> None:
+    """The one check that `run_dir` is a tlkeras run folder (config.yaml) and, with
+    `finished`, one whose training ended (summary.json, written last). Reads no file and
+    imports no TensorFlow, so a CLI says what is wrong in milliseconds. Raises UserError
+    naming the missing file and what to do."""
+    if not run_dir.is_dir():
+        what = "is not a folder" if run_dir.exists() else "not found"
+        raise UserError(f"run folder '{run_dir}' {what}; pass the --run-dir of a training run")
+    unfinished = "the run has not finished: rerun its train command to resume it"
+    needed = [("config.yaml", "not a tlkeras run folder")] + [(SUMMARY, unfinished)] * finished
+    for name, why in needed:
+        if not (run_dir / name).is_file():
+            raise UserError(f"'{run_dir / name}' not found: {why}")
+
+
+def load_run(run_dir: Path):
+    """(Config, DatasetInfo, float32 Keras model with the run's shipped weights) of a
+    finished run; UserError naming the file when one of them is damaged."""
+    import keras
+
+    from tlkeras.config import load_config
+    from tlkeras.model import build_model  # also registers the preprocessing layers
+
+    cfg = load_config(run_dir / "config.yaml")
+    info = load_dataset(run_dir)
+    # Rebuilt in float32 whatever the training precision, as training's own export does.
+    keras.mixed_precision.set_global_policy("float32")
+    model = build_model(cfg.model, info, load_weights=False)
+    path = run_dir / MODEL
+    if not path.is_file():
+        raise UserError(f"'{path}' not found: the run folder is incomplete; restore it, or train again")
+    try:
+        model.set_weights(keras.models.load_model(path).get_weights())
+    except Exception as e:  # zipfile, h5py and Keras each raise their own kind for a damaged file
+        reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise UserError(
+            f"'{path}' cannot be loaded ({reason}): the file is damaged; restore it, "
+            f"or train again with a new --run-dir"
+        ) from None
+    return cfg, info, model
 
 
 def load_dataset(run_dir: Path):
@@ -203,21 +264,6 @@ def environment(argv: list[str]) -> dict[str, Any]:
     }
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write-then-rename, so a crash never leaves a half-written file under `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with writing(path, f"'{path.name}'", len(text.encode())):
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2) + "\n")
-
-
 def read_json(path: Path) -> Any:
     """The JSON in `path`, None when there is no such file; UserError when it is damaged."""
     if not path.exists():
@@ -251,7 +297,5 @@ def truncate_metrics(run_dir: Path, first_epoch_to_drop: int) -> None:
     keep = [r for r in body if r and int(float(r[0])) < first_epoch_to_drop]
     if len(keep) == len(body):
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic(path) as tmp, tmp.open("w", newline="") as f:
         csv.writer(f).writerows([header, *keep])
-    os.replace(tmp, path)

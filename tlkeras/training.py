@@ -36,7 +36,15 @@ from tlkeras import rundir
 from tlkeras.config import Config
 from tlkeras.data import DatasetInfo, Splits, feature_dataset, feature_epochs, make_datasets, read_errors
 from tlkeras.errors import UserError, writing
-from tlkeras.evaluate import dataset_logits, logits_function, to_arrays, trust_report, val_temperature
+from tlkeras.evaluate import (
+    dataset_logits,
+    logits_function,
+    save_confusion_png,
+    test_metrics,
+    to_arrays,
+    trust_report,
+    val_temperature,
+)
 from tlkeras.export import export_model
 from tlkeras.model import build_model, set_finetune_trainable, split_at_features
 from tlkeras.policies import (
@@ -191,21 +199,14 @@ class WholeModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
     def set_model(self, model):
         super().set_model(self.whole)
-        path = Path(self.filepath)
-        self.tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
 
     def _get_file_path(self, epoch, batch, logs):
-        return str(self.tmp)
+        return str(self._tmp)
 
     def _save_model(self, epoch, batch, logs):
         # Written aside, then renamed: a kill or a full disk mid-write keeps the previous best.
-        try:
-            with writing(Path(self.filepath), "the best checkpoint", state_bytes(self.model)):
-                super()._save_model(epoch, batch, logs)
-                if self.tmp.exists():
-                    os.replace(self.tmp, self.filepath)
-        finally:
-            self.tmp.unlink(missing_ok=True)
+        with rundir.atomic(Path(self.filepath), "the best checkpoint", state_bytes(self.model)) as self._tmp:
+            super()._save_model(epoch, batch, logs)
 
     def on_epoch_end(self, epoch, logs=None):
         current = (logs or {}).get(self.monitor)
@@ -267,13 +268,8 @@ def load_or_compute_features(folder: Path, part: str, fingerprint: str, compute)
         log.warning("head: cached %s features in %s do not match this run or are damaged; recomputing", part, folder)
     features, labels = compute()
     folder.mkdir(exist_ok=True)
-    tmp = folder / f".{part}.{os.getpid()}.tmp.npz"
-    with writing(data, "the features cache", features.nbytes + labels.nbytes):
-        try:
-            np.savez(tmp, features=features, labels=labels)
-            os.replace(tmp, data)
-        finally:
-            tmp.unlink(missing_ok=True)
+    with rundir.atomic(data, "the features cache", features.nbytes + labels.nbytes) as tmp:
+        np.savez(tmp, features=features, labels=labels)
     rundir.write_json(manifest, {"fingerprint": fingerprint, "sha256": _sha256(data), "shape": list(features.shape)})
     return features, labels
 
@@ -427,28 +423,10 @@ def fit_phase(
             cached_feature_data(extractor, cfg, splits, run_dir) if extractor else (splits.epochs, splits.val, None)
         )
     weights = balanced_class_weights(splits.info.train_class_counts) if cfg.data.class_weight else None
-    end = first_epoch + epochs
-    # fit runs the same number of steps every epoch: the rest of an interrupted epoch is a fit of its own.
-    segments = [(resume_at, resume_at + 1, skip), (resume_at + 1, end, 0)] if skip else [(resume_at, end, 0)]
-    losses: list[float] = []
-    last_epoch = resume_at
-    for begin, until, skipped in segments:
-        if begin >= until or any(not math.isfinite(v) for v in losses):
-            continue
-        with read_errors(cfg.data), writing(run_dir, "checkpoints, backups and metrics"):
-            history = trained.fit(
-                train_epochs(begin, until, skipped),
-                steps_per_epoch=steps - skipped,
-                validation_data=val,
-                initial_epoch=begin,
-                epochs=until,
-                class_weight=weights,
-                callbacks=callbacks,
-                shuffle=False,
-                verbose=1 if sys.stdout.isatty() else 2,
-            )
-        losses += history.history.get("loss", [])
-        last_epoch = history.epoch[-1] if history.epoch else last_epoch
+    fit = dict(validation_data=val, class_weight=weights, callbacks=callbacks)
+    losses, last_epoch = _fit_epochs(
+        trained, train_epochs, resume_at, first_epoch + epochs, skip, steps, cfg, run_dir, fit
+    )
     wall = time.perf_counter() - start
     if any(not math.isfinite(v) for v in losses):
         kept = _drop_if_not_finite(model, best_path)
@@ -499,61 +477,30 @@ def fit_phase(
     return record
 
 
-def evaluate(preds: np.ndarray, labels: np.ndarray, class_names: tuple[str, ...]) -> dict[str, Any]:
-    """Test accuracy, per-class accuracy (keyed by class name; None for a class with no test
-    image) and the confusion matrix (rows: true class, columns: predicted, in class-index
-    order) of predicted classes `preds` int [n] against `labels` int [n]."""
-    matrix = tf.math.confusion_matrix(labels, preds, num_classes=len(class_names)).numpy()
-    counts = matrix.sum(axis=1)
-    per_class = [
-        round(float(c / n), 4) if n else None  # None: no test image of that class
-        for c, n in zip(matrix.diagonal(), counts)
-    ]
-    return {
-        "test_accuracy": float((preds == labels).mean()),
-        "test_examples": int(labels.size),
-        "per_class_test_accuracy": dict(zip(class_names, per_class)),
-        "confusion_matrix": matrix.tolist(),
-    }
-
-
-def save_confusion_png(matrix: list[list[int]], class_names: tuple[str, ...], title: str, path: Path) -> None:
-    """Row-normalised confusion matrix; counts in the cells up to 20 classes, and a figure
-    that grows with the class count so 100+ names stay legible."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    m = np.asarray(matrix)
-    k = len(class_names)
-    side = max(6.0, 0.16 * k + 2)  # about 0.16 inch per class: 102 classes -> 18 inches
-    fig, ax = plt.subplots(figsize=(side + 1, side))
-    ax.imshow(m / np.maximum(m.sum(axis=1, keepdims=True), 1), cmap="Blues", vmin=0, vmax=1)
-    if k <= 20:
-        for (i, j), v in np.ndenumerate(m):
-            ax.text(
-                j,
-                i,
-                str(v),
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="white" if v > m.sum(axis=1)[i] / 2 else "black",
+def _fit_epochs(trained, train_epochs, begin: int, end: int, skip: int, steps: int, cfg, run_dir: Path, fit: dict):
+    """`fit` over epochs begin..end-1 resuming `skip` steps into the first; (each epoch's
+    loss, the last epoch run). Stops after an epoch whose loss is not finite
+    (TerminateOnNaN). fit runs the same number of steps every epoch, so the rest of an
+    interrupted epoch is a fit of its own."""
+    segments = [(begin, begin + 1, skip), (begin + 1, end, 0)] if skip else [(begin, end, 0)]
+    losses: list[float] = []
+    last_epoch = begin
+    for first, until, skipped in segments:
+        if first >= until or any(not math.isfinite(v) for v in losses):
+            continue
+        with read_errors(cfg.data), writing(run_dir, "checkpoints, backups and metrics"):
+            history = trained.fit(
+                train_epochs(first, until, skipped),
+                steps_per_epoch=steps - skipped,
+                initial_epoch=first,
+                epochs=until,
+                shuffle=False,
+                verbose=1 if sys.stdout.isatty() else 2,
+                **fit,
             )
-    font = 9 if k <= 20 else 6
-    ax.set_xticks(
-        range(k), class_names, rotation=90 if k > 20 else 45, ha="center" if k > 20 else "right", fontsize=font
-    )
-    ax.set_yticks(range(k), class_names, fontsize=font)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"{title} test, accuracy {m.trace() / max(m.sum(), 1):.3f}")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+        losses += history.history.get("loss", [])
+        last_epoch = history.epoch[-1] if history.epoch else last_epoch
+    return losses, last_epoch
 
 
 def train_and_evaluate(cfg: Config, run_dir: Path, argv: list[str] = ()) -> dict[str, Any]:
@@ -583,9 +530,7 @@ def train_and_evaluate(cfg: Config, run_dir: Path, argv: list[str] = ()) -> dict
             workdir = rundir.worker_copy(run_dir)
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
             resuming = (workdir / "backup").exists() or (workdir / "checkpoints").exists()
-        handler = logging.FileHandler(workdir / "train.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(handler)
+        handler = stack.enter_context(rundir.logging_to(workdir))
         policy = keras.mixed_precision.global_policy()
         determinism = tf_config.is_op_determinism_enabled()
         try:
@@ -598,8 +543,6 @@ def train_and_evaluate(cfg: Config, run_dir: Path, argv: list[str] = ()) -> dict
             keras.mixed_precision.set_global_policy(policy)
             if not determinism:
                 tf_config.disable_op_determinism()
-            log.removeHandler(handler)
-            handler.close()
 
 
 def weights_fingerprint(model: keras.Model) -> str:
@@ -635,15 +578,15 @@ def _train(
         precision,
     )
 
-    splits = make_datasets(cfg.data, cfg.seed, cfg.model.image_size)
+    splits = make_datasets(cfg.data, cfg.seed, cfg.model.resolution)
     info = splits.info
     log.info(
         "data: %s (%s), %d classes, %dx%d storage; %d train, %d val, %d test images",
         info.name,
         info.source,
         info.num_classes,
-        info.image_size,
-        info.image_size,
+        info.storage_size,
+        info.storage_size,
         info.num_train,
         info.num_val,
         info.num_test,
@@ -679,23 +622,46 @@ def _train(
         records[phase] = record
         weights = run_dir / record["best_weights"]
         epoch += epochs
+    setup = {
+        "resumed": resuming,
+        "strategy": type(strategy).__name__,
+        "replicas": replicas,
+        "per_replica_batch": per_replica,
+        "precision": precision,
+    }
+    return finish_run(cfg, run_dir, splits, records, chief, start, setup)
+
+
+def finish_run(
+    cfg: Config,
+    run_dir: Path,
+    splits: Splits,
+    records: dict[str, Any],
+    chief: bool,
+    start: float,
+    setup: dict[str, Any],
+) -> dict[str, Any]:
+    """After the phases (`records`: each phase's record): the shipped weights, the best of
+    the phase with the higher val accuracy, tested once on the test split and saved as
+    model.keras; the quick trust report and its temperature; the exports; summary.json
+    last (it marks the run finished; `setup` joins it). Workers other than the chief only
+    fingerprint the weights."""
+    info = splits.info
     final = final_phase({phase: r["val_accuracy"] for phase, r in records.items()})
     if "adversarial" in records.get("finetune", {}):
         final = "finetune"  # chosen for robustness: the head's clean accuracy is no rival
-    weights = run_dir / records[final]["best_weights"]
     if final != list(records)[-1]:
         log.info(
             "final weights: the %s phase's (val_accuracy %.4f); fine-tuning did not beat it",
             final,
             records[final]["val_accuracy"],
         )
-
     # The shipped model computes in float32 whatever the training precision: it runs
     # anywhere (onnxruntime has no bf16 convolutions on CPU) and its outputs are stable.
     # Built outside the strategy: evaluation and export are local, not collective.
     keras.mixed_precision.set_global_policy("float32")
     model = build_model(cfg.model, info, load_weights=False)
-    model.load_weights(weights)
+    model.load_weights(run_dir / records[final]["best_weights"])
     fingerprint = weights_fingerprint(model)
     log.info("final weights sha256 %s", fingerprint)
     if not chief:
@@ -705,16 +671,10 @@ def _train(
     logits_fn = logits_function(model)
     with read_errors(cfg.data):  # the images are kept for the report, else only 64 for the export
         test = dataset_logits(logits_fn, splits.test, None if cfg.evaluate.enabled else 64)
-    results = evaluate(test[2].argmax(1), test[1], info.class_names)
-    with writing(run_dir / "confusion_matrix.png", "the confusion matrix"):
-        save_confusion_png(results["confusion_matrix"], info.class_names, info.name, run_dir / "confusion_matrix.png")
-    tmp_model = run_dir / ".model.tmp.keras"
-    with writing(run_dir / "model.keras", "the model", 2 * sum(w.nbytes for w in model.get_weights())):
-        try:
-            model.save(tmp_model)
-            os.replace(tmp_model, run_dir / "model.keras")
-        finally:
-            tmp_model.unlink(missing_ok=True)
+    results = test_metrics(test[2].argmax(1), test[1], info.class_names)
+    save_confusion_png(results["confusion_matrix"], info.class_names, info.name, run_dir / "confusion_matrix.png")
+    with rundir.atomic(run_dir / rundir.MODEL, "the model", 2 * sum(w.nbytes for w in model.get_weights())) as tmp:
+        model.save(tmp)
 
     # The trust report (quick) fits the temperature; without it, only the temperature is fitted.
     report = trust_report(model, cfg, splits, run_dir, quick=True, test=test) if cfg.evaluate.enabled else None
@@ -751,11 +711,7 @@ def _train(
         "phases": records,
         "final_phase": final,
         "wall_time_s": round(time.perf_counter() - start, 1),
-        "resumed": resuming,
-        "strategy": type(strategy).__name__,
-        "replicas": replicas,
-        "per_replica_batch": per_replica,
-        "precision": precision,
+        **setup,
         "weights_sha256": fingerprint,
         "temperature": temperature,  # fitted on val; folded into the exports with evaluate.fold_temperature
         "exports_calibrated": bool(cfg.evaluate.fold_temperature and temperature not in (None, 1.0)),
@@ -770,9 +726,8 @@ def _train(
             "pgd_accuracy": report["adversarial"]["pgd"],
             "wall_time_s": report["wall_time_s"],
         },
-        "class_names": list(info.class_names),
-        "dataset": info.to_dict(),
-        "model": "model.keras",
+        "dataset": rundir.DATASET,  # class names, storage size, counts: stored once, there
+        "model": rundir.MODEL,
         "exports": exports,
     }
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
