@@ -1,3 +1,6 @@
+import logging
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -386,16 +389,6 @@ def test_a_carve_of_zero_names_the_fraction(tmp_path):
         make(folder_cfg(root, storage_size=16, val_fraction=0.0))
 
 
-def test_symlinked_folders_are_followed_and_loops_are_not(tmp_path):
-    elsewhere = make_image_folder(tmp_path / "elsewhere", {"more": 4})
-    root = make_image_folder(tmp_path / "d", {"a": 5, "b": 5})
-    (root / "a" / "linked").symlink_to(elsewhere / "more", target_is_directory=True)
-    (root / "b" / "loop").symlink_to(root / "b", target_is_directory=True)
-    (root / "b" / "gone.png").symlink_to(tmp_path / "missing.png")
-    info = make(folder_cfg(root, storage_size=16, val_fraction=0.1, test_fraction=0.1)).info
-    assert info.num_train + info.num_val + info.num_test == 14  # 5 + 4 linked, and b's 5 once
-
-
 def test_a_corrupt_record_file_is_one_line_naming_it(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
@@ -436,3 +429,211 @@ def test_an_image_unreadable_after_the_scan_is_one_line_naming_it(tmp_path):
         with read_errors(cfg):
             for split in (splits.train_plain, splits.val, splits.test):
                 list(split)
+
+
+# --------------------------------------------------- photo folders as people have them
+
+
+def photo(path, colour=(200, 80, 40), fmt=None, **options):
+    """Writes a 24x32 photo of one colour at `path` (str, bytes or Path) in `fmt` (default: PNG)."""
+    pixels = np.clip(np.array(colour) + np.random.default_rng(len(str(path))).normal(0, 10, (24, 32, 3)), 0, 255)
+    image = Image.fromarray(pixels.astype(np.uint8))
+    if fmt == "HEIF":
+        pytest.importorskip("pillow_heif").register_heif_opener()
+    if fmt == "AVIF":
+        from PIL import features
+
+        if not features.check("avif"):
+            pytest.skip("this Pillow was built without AVIF")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        image.save(f, fmt or "PNG", **options)
+    return path
+
+
+def data_lines(caplog):
+    """The lines naming what the folder listing left out."""
+    messages = [r.getMessage() for r in caplog.records if r.name == "tlkeras"]
+    return [m for m in messages if m.startswith("data: ") and not m.startswith("data: checking")]
+
+
+def total(info):
+    return info.num_train + info.num_val + info.num_test
+
+
+def small_cfg(root):
+    return folder_cfg(root, storage_size=16, val_fraction=0.2, test_fraction=0.2)
+
+
+def test_nas_trash_and_zip_folders_are_skipped_wherever_they_are_in_one_line(tmp_path, caplog):
+    caplog.set_level(logging.INFO, "tlkeras")  # only skipped system folders: said, not warned
+    root = tmp_path / "flowers"
+    for c in ("daisy", "tulip"):
+        for i in range(5):
+            photo(root / c / f"{i}.png")
+    photo(root / "daisy" / "@eaDir" / "0.png" / "SYNOFILE_THUMB_M.jpg", fmt="JPEG")  # Synology thumbnails
+    photo(root / "tulip" / "@eaDir" / "1.png" / "SYNOFILE_THUMB_XL.jpg", fmt="JPEG")
+    photo(root / "tulip" / ".thumbnails" / "normal" / "a.png")
+    photo(root / "daisy" / "._0.png")  # AppleDouble file beside a photo
+    for junk in ("#recycle", ".Trash-1000", "$RECYCLE.BIN", "System Volume Information", "lost+found", "__MACOSX"):
+        photo(root / junk / "daisy" / "old.png")  # a class-level system folder: skipped, not a class
+    info = make(small_cfg(root)).info
+    assert info.class_names == ("daisy", "tulip") and total(info) == 10
+    (line,) = data_lines(caplog)
+    assert "9 system or hidden folders skipped (#recycle, $RECYCLE.BIN, .Trash-1000, .thumbnails, @eaDir)" in line
+    assert "1 hidden or system files skipped" in line
+    # Beside and inside split folders too.
+    split = make_image_folder(tmp_path / "split", {"train/a": 4, "train/b": 4, "val/a": 2, "val/b": 2})
+    photo(split / "@eaDir" / "x.png")
+    photo(split / "train" / "#recycle" / "y.png")
+    photo(split / "val" / "a" / "@eaDir" / "z.png")
+    info = make(folder_cfg(split, storage_size=16, val_fraction=0.25)).info
+    assert info.class_names == ("a", "b") and total(info) == 12
+    assert D.system_name("@EADIR") and D.system_name(".Trash") and not D.system_name("thumbnails")
+
+
+def test_links_never_lead_out_of_a_class_folder(tmp_path, caplog):
+    root, outside = tmp_path / "flowers", tmp_path / "elsewhere"
+    for i in range(4):
+        photo(root / "daisy" / f"{i}.png")
+        photo(root / "tulip" / f"{i}.png", (40, 80, 200))
+    for i in range(2):
+        photo(root / "daisy" / "sub" / f"s{i}.png")
+    for i in range(3):
+        photo(outside / f"{i}.png", (40, 200, 40))
+    daisy, tulip = root / "daisy", root / "tulip"
+    (daisy / "tulips").symlink_to(tulip, target_is_directory=True)  # another class: would relabel it
+    (daisy / "up").symlink_to(root, target_is_directory=True)  # the parent: every class
+    (daisy / "extra").symlink_to(outside, target_is_directory=True)  # outside the class folder
+    (daisy / "t0.png").symlink_to(tulip / "0.png")  # a file of another class
+    (daisy / "again.png").symlink_to(daisy / "0.png")  # a file of the same class: read once
+    (daisy / "sub-link").symlink_to(daisy / "sub", target_is_directory=True)  # inside the class: read once
+    (daisy / "self").symlink_to(daisy, target_is_directory=True)  # loops
+    (daisy / "sub" / "back").symlink_to(daisy, target_is_directory=True)
+    (tulip / "loop").symlink_to(tulip / "loop")
+    (tulip / "gone.png").symlink_to(tmp_path / "missing.png")  # broken
+    (root / "rose").symlink_to(outside, target_is_directory=True)  # a class folder that is a link: fine
+    tree, skipped, _ = D.list_folder(root)
+    assert {c: len(files) for c, files in tree["train"].items()} == {"daisy": 6, "rose": 3, "tulip": 4}
+    assert (len(skipped.outside), len(skipped.loops), len(skipped.broken), skipped.duplicates) == (4, 3, 1, 1)
+    info = make(small_cfg(root)).info
+    assert total(info) == 13
+    (line,) = data_lines(caplog)
+    assert "4 links lead out of their class folder" in line and "3 links loop back" in line
+    assert "1 links are broken" in line and "1 links to a photo already in the same class read once" in line
+    assert "share" not in caplog.text  # no photo in two splits
+    # A class folder that is another class through a link would label its photos twice.
+    (root / "rose").unlink()
+    (root / "rose").symlink_to(tulip, target_is_directory=True)
+    with pytest.raises(UserError, match=r"class folder '.*' is \(or lies inside\) class folder .* through a link"):
+        D.list_folder(root)
+
+
+def test_class_folders_that_differ_only_in_case_are_refused_naming_both(tmp_path):
+    root = make_image_folder(tmp_path / "flowers", {"Daisy": 3, "daisy": 3, "tulip": 3})
+    with pytest.raises(UserError) as caught:
+        make(small_cfg(root))
+    message = str(caught.value)
+    assert "'Daisy' and 'daisy'" in message and "differ only in case" in message
+    assert "move the photos of one into the other" in message
+
+
+def test_images_are_found_by_content_in_any_format_tlkeras_reads(tmp_path, caplog):
+    root = tmp_path / "flowers"
+    a = root / "a"
+    for name in ("1.jfif", "2.jpe", "3.jif", "4", "5.JPG", "6.jpeg.download"):
+        photo(a / name, fmt="JPEG")
+    photo(a / "7.HEIC", fmt="HEIF")
+    photo(a / "8.avif", fmt="AVIF")
+    photo(a / "9.jpg", fmt="HEIF")  # an iPhone export: HEIC inside a .jpg
+    for i in range(4):
+        photo(root / "b" / f"{i}.png", (30, 30, 220))
+    photo(root / "b" / "web.webp", fmt="WEBP")  # an image, but not one tlkeras reads: named in the line
+    (root / "b" / "notes.txt").write_text("not an image")
+    tree, skipped, _ = D.list_folder(root)
+    names = "1.jfif 2.jpe 3.jif 4 5.JPG 6.jpeg.download 7.HEIC 8.avif 9.jpg".split()
+    assert sorted(p.name for p in tree["train"]["a"]) == names
+    assert sorted(p.name for p in skipped.other) == ["notes.txt", "web.webp"]
+    info = make(small_cfg(root)).info
+    assert total(info) == 13
+    (line,) = data_lines(caplog)
+    assert "2 non-image files ignored" in line and "cannot be decoded" not in line
+
+
+def test_names_that_are_not_utf8_are_read_cached_and_shown_escaped(tmp_path, caplog):
+    root = os.fsencode(tmp_path / "zip")
+    for i in range(4):
+        photo(root + b"/caf\xe9/photo-\xe9t\xe9-%d.png" % i)  # Latin-1 names from a Windows zip
+        photo(root + b"/tea/%d.png" % i, (30, 30, 220))
+    with open(root + b"/tea/cass\xe9.png", "wb") as f:
+        f.write(b"broken")
+    cfg = small_cfg(os.fsdecode(root))
+    for _ in range(2):  # the second run reads the scan from the cache
+        splits = make(cfg)
+        assert splits.info.class_names == ("caf\\xe9", "tea")
+        assert total(splits.info) == 8
+        assert sum(len(y) for _, y in splits.train_plain) == splits.info.num_train  # every image decodes
+    line = data_lines(caplog)[0]
+    assert "1 of 9 image files cannot be decoded" in line and "cass\\xe9.png" in line
+    line.encode("utf-8")  # printable, no surrogates
+
+
+def test_an_empty_or_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
+    monkeypatch.delenv("TLKERAS_CACHE_DIR")
+    home = Path.home() / ".cache" / "tlkeras" / "scans"
+    for value in ("", "relative/cache"):
+        monkeypatch.setenv("XDG_CACHE_HOME", value)
+        assert D._scan_cache_dir() == home
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert D._scan_cache_dir() == tmp_path / "tlkeras" / "scans"
+
+
+def test_a_folder_mixing_every_kind_trains_on_the_photos_a_person_counts(tmp_path, caplog):
+    """NAS and trash folders, links in and out, odd names and formats, a broken file, a
+    Latin-1 name, a colour profile: the photos a person sees in daisy/, tulip/ and rose/."""
+    from PIL import ImageCms
+
+    root, outside = tmp_path / "photos", tmp_path / "phone"
+    daisy, tulip = root / "daisy", root / "tulip"
+    for i in range(3):
+        photo(daisy / f"{i}.png")
+        photo(tulip / f"{i}.png", (40, 80, 200))
+        photo(outside / f"IMG_{i}.HEIC", (40, 200, 40), fmt="HEIF")
+    photo(daisy / "scan.jfif", fmt="JPEG")
+    photo(daisy / "IMG_7.HEIC", fmt="HEIF")
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    photo(daisy / "camera.jpg", fmt="JPEG", icc_profile=srgb)
+    photo(os.fsencode(daisy) + b"/d\xe9j\xe0-vu.png")
+    photo(tulip / "IMG_9.avif", (40, 80, 200), fmt="AVIF")
+    photo(tulip / "download", (40, 80, 200), fmt="JPEG")
+    photo(daisy / "@eaDir" / "0.png" / "SYNOFILE_THUMB_M.jpg", fmt="JPEG")
+    photo(root / "#recycle" / "old.png")
+    photo(root / "__MACOSX" / "daisy" / "._0.png")
+    photo(tulip / ".thumbnails" / "t.png")
+    (daisy / ".DS_Store").write_bytes(bytes(64))
+    (tulip / "Thumbs.db").write_bytes(bytes(64))
+    (daisy / "tulips").symlink_to(tulip, target_is_directory=True)
+    (tulip / "again.png").symlink_to(tulip / "0.png")
+    (tulip / "gone.png").symlink_to(tmp_path / "nothing.png")
+    (daisy / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(40))
+    (daisy / "notes.txt").write_text("shot in May")
+    (root / "rose").symlink_to(outside, target_is_directory=True)
+    info = make(folder_cfg(root, storage_size=16, val_fraction=0.25, test_fraction=0.25)).info
+    # daisy: 3 PNG, .jfif, HEIC, camera.jpg, the Latin-1 name = 7; tulip: 3 PNG, AVIF, 'download' = 5;
+    # rose: 3 HEIC through the linked class folder. broken.jpg is named in the warning.
+    assert info.class_names == ("daisy", "rose", "tulip")
+    assert total(info) == 15
+    counts = {c: n for c, n in zip(info.class_names, info.train_class_counts)}
+    assert counts == {"daisy": 3, "rose": 1, "tulip": 3}  # 7 - 2 - 2, 3 - 1 - 1, 5 - 1 - 1
+    (line,) = data_lines(caplog)
+    for part in (
+        "1 of 16 image files cannot be decoded",
+        "broken.jpg",
+        "1 non-image files ignored",
+        "1 links lead out of their class folder",
+        "1 links are broken",
+        "1 links to a photo already in the same class read once",
+        "4 system or hidden folders skipped",
+        "2 hidden or system files skipped",
+    ):
+        assert part in line, line

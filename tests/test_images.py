@@ -1,6 +1,7 @@
 """Every image a person sends: decoded right, or refused in one readable line."""
 
 import io
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -19,6 +20,8 @@ from tlkeras.images import (
     decode_in_graph,
     fit_square,
     readable_error,
+    shown,
+    sniff_file,
     upright_bytes,
 )
 
@@ -159,7 +162,10 @@ REFUSED = {
     "half.jpg": (JPEG[: len(JPEG) // 2], "truncated or corrupt JPEG image data"),
     "half.png": (PNG[: len(PNG) // 2], "truncated or corrupt PNG image data"),
     "ihdr.png": (CORRUPT_IHDR, "corrupt or truncated PNG header"),
-    "photo.webp": (encode(NOISE, "WEBP"), "is a WEBP image; tlkeras reads JPEG, PNG, BMP and GIF: convert it"),
+    "photo.webp": (
+        encode(NOISE, "WEBP"),
+        "is a WEBP image; tlkeras reads JPEG, PNG, BMP, GIF, HEIC/HEIF and AVIF: convert it",
+    ),
     "scan.tiff": (encode(NOISE, "TIFF"), "is a TIFF image"),
     "notes.txt": (b"just some notes\nnot an image\n", "is a text file, not an image"),
     "huge.png": (png_header_only(5000, 5000), "5000x5000 image (25000000 pixels) is over the 4096x4096 limit"),
@@ -308,3 +314,162 @@ def test_upright_bytes_sends_the_graph_what_decode_bytes_sees():
         decode_in_graph(tf.constant(sent), 24).numpy(), fit_square(decode_bytes(sideways), 24).numpy()
     )
     assert upright_bytes(PNG) is PNG  # nothing to turn: sent as it is
+
+
+# --- phone formats, content over names, colour profiles, names --------------------------
+
+
+def heic(pixels: np.ndarray) -> bytes:
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()  # lets Image.save write HEIF in this test
+    return encode(pixels, "HEIF", quality=95)
+
+
+def avif(pixels: np.ndarray) -> bytes:
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow was built without AVIF")
+    return encode(pixels, "AVIF", quality=95)
+
+
+@pytest.mark.parametrize("make", [heic, avif], ids=["HEIC", "AVIF"])
+@pytest.mark.parametrize("name", ["IMG_0001.HEIC", "photo.avif", "IMG_0001.jpg", "no-extension"])
+def test_heic_and_avif_decode_whatever_the_file_is_called(tmp_path, make, name):
+    photo = blocks(64, 96)
+    path = write(tmp_path, name, make(photo))
+    pixels = decode_file(path)
+    assert pixels.shape == photo.shape and pixels.dtype == np.uint8
+    assert np.abs(pixels.astype(int) - photo).mean() < 4  # lossy coding of flat blocks
+    assert sniff_file(path) in ("HEIF", "AVIF")
+
+
+@pytest.mark.parametrize("name", ["a.jfif", "b.jpe", "c.jif", "d.JPG", "e", "f.dat", "g.png"])
+def test_jpegs_are_read_by_content_whatever_their_name(tmp_path, name):
+    path = write(tmp_path, name, encode(blocks(32, 32), "JPEG", quality=95, subsampling=0))
+    assert sniff_file(path) == "JPEG"
+    assert np.abs(decode_file(path).astype(int) - blocks(32, 32)).max() <= 8
+
+
+@pytest.mark.parametrize("make", [heic, avif], ids=["HEIC", "AVIF"])
+def test_the_graph_refuses_heic_and_avif_naming_the_fix_and_upright_bytes_converts_them(make):
+    data = make(blocks(64, 64))
+    for run in (lambda: decode_in_graph(tf.constant(data), 24), lambda: serve_bytes(tf.constant([data]))):
+        with pytest.raises(tf.errors.InvalidArgumentError) as caught:
+            run()
+        message = readable_error(caught.value)
+        assert_one_readable_line(
+            message, "image is a HEIC/HEIF or AVIF file", "decode it on the client", "serving_default"
+        )
+    sent = upright_bytes(data)
+    assert sent.startswith(b"\x89PNG")
+    np.testing.assert_array_equal(
+        decode_in_graph(tf.constant(sent), 24).numpy(), fit_square(decode_bytes(data), 24).numpy()
+    )
+
+
+# Display P3 primaries adapted to D50 (what an ICC profile stores), and sRGB's, as XYZ columns.
+P3_D50 = np.array([[0.515102, 0.291965, 0.157153], [0.241182, 0.692236, 0.066588], [-0.001050, 0.041882, 0.784168]])
+SRGB_D50 = np.array([[0.436066, 0.385147, 0.143066], [0.222488, 0.716873, 0.060608], [0.013916, 0.097076, 0.714096]])
+
+
+def display_p3_profile() -> bytes:
+    """A Display P3 ICC profile: LittleCMS's sRGB profile with P3's colorants written in (the
+    two share the sRGB tone curve) and its description renamed (13 UTF-16 characters)."""
+    from PIL import ImageCms
+
+    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    (count,) = struct.unpack(">I", data[128:132])
+    tags = {}
+    for i in range(count):
+        sig, offset, size = struct.unpack(">4sII", data[132 + 12 * i : 144 + 12 * i])
+        tags[sig] = (offset, size)
+    for column, sig in enumerate((b"rXYZ", b"gXYZ", b"bXYZ")):
+        offset, _ = tags[sig]
+        data[offset + 8 : offset + 20] = struct.pack(">3i", *(round(v * 65536) for v in P3_D50[:, column]))
+    offset, size = tags[b"desc"]
+    old = "sRGB built-in".encode("utf-16-be")
+    at = data.index(old, offset, offset + size)
+    data[at : at + len(old)] = "Display P3 tl".encode("utf-16-be")
+    data[84:100] = bytes(16)  # no profile ID (an MD5 of the old bytes)
+    return bytes(data)
+
+
+def srgb_from_p3(pixels: np.ndarray) -> np.ndarray:
+    """What a colour-managed viewer shows for Display P3 pixels, computed with numpy."""
+
+    def linear(v):
+        return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
+
+    def encoded(v):
+        v = np.clip(v, 0, 1)
+        return np.where(v <= 0.0031308, v * 12.92, 1.055 * v ** (1 / 2.4) - 0.055)
+
+    rgb = linear(pixels.astype(np.float64) / 255) @ (np.linalg.inv(SRGB_D50) @ P3_D50).T
+    return np.round(encoded(rgb) * 255).astype(int)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_display_p3_photo_is_converted_to_the_srgb_a_viewer_shows(tmp_path, fmt):
+    colours = np.array([[200, 100, 50], [40, 160, 90], [90, 90, 200], [128, 128, 128]], np.uint8)
+    stored = np.repeat(np.repeat(colours[np.newaxis], 16, axis=0), 16, axis=1)  # 16 x 64, four blocks
+    options = {"quality": 98, "subsampling": 0} if fmt == "JPEG" else {}
+    path = write(tmp_path, f"p3.{fmt.lower()}", encode(stored, fmt, icc_profile=display_p3_profile(), **options))
+    pixels = decode_file(path).astype(int)
+    expected = srgb_from_p3(colours)
+    centres = pixels[8, 8::16]  # the middle of each block
+    tolerance = 2 if fmt == "PNG" else 4
+    assert np.abs(centres - expected).max() <= tolerance, (centres, expected)
+    assert np.abs(centres[:3] - colours[:3]).max() >= 15  # saturated colours move: P3 is wider than sRGB
+    assert np.abs(centres[3] - 128).max() <= tolerance  # grey stays grey
+    # The same file with an sRGB profile, or none: the stored values.
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for profile in ({"icc_profile": srgb}, {}):
+        same = write(tmp_path, "plain.png", encode(stored, "PNG", **profile))
+        np.testing.assert_array_equal(decode_file(same), stored)
+
+
+def test_upright_bytes_sends_the_graph_the_srgb_pixels_of_a_p3_photo():
+    stored = blocks(32, 32)
+    data = encode(stored, "PNG", icc_profile=display_p3_profile())
+    sent = upright_bytes(data)
+    assert sent != data
+    np.testing.assert_array_equal(
+        decode_in_graph(tf.constant(sent), 24).numpy(), fit_square(decode_bytes(data), 24).numpy()
+    )
+
+
+def test_a_p3_png_with_alpha_keeps_its_transparency_on_white(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[:, :4] = (200, 100, 50, 255)
+    rgba[:, 4:] = (0, 0, 0, 0)
+    path = write(tmp_path, "p3a.png", encode(Image.fromarray(rgba, "RGBA"), "PNG", icc_profile=display_p3_profile()))
+    pixels = decode_file(path).astype(int)
+    assert (pixels[:, 4:] == 255).all()
+    assert np.abs(pixels[4, 1] - srgb_from_p3(np.array([200, 100, 50]))).max() <= 2
+
+
+def test_a_damaged_profile_leaves_the_pixels_as_stored(tmp_path):
+    stored = blocks(32, 32)
+    path = write(tmp_path, "odd.png", encode(stored, "PNG", icc_profile=b"not a profile at all"))
+    np.testing.assert_array_equal(decode_file(path), stored)
+
+
+def test_names_that_are_not_utf8_are_read_and_shown_escaped(tmp_path):
+    name = os.fsencode(tmp_path) + b"/caf\xe9-\x81.png"  # Latin-1 e-acute, and a byte no codec maps
+    with open(name, "wb") as f:
+        f.write(encode(blocks(32, 32), "PNG"))
+    as_str = os.fsdecode(name)
+    for path in (name, as_str, Path(as_str)):
+        np.testing.assert_array_equal(decode_file(path), blocks(32, 32))
+    assert shown(as_str).endswith("caf\\xe9-\\x81.png")
+    shown(as_str).encode("utf-8")  # printable anywhere
+    assert shown("new\nline.jpg") == "new\\nline.jpg"
+    with open(name, "wb") as f:
+        f.write(b"broken")
+    with pytest.raises(ImageError) as caught:
+        decode_file(name)
+    assert "caf\\xe9-\\x81.png" in str(caught.value)
+    str(caught.value).encode("utf-8")

@@ -228,3 +228,94 @@ def test_an_onnx_folder_is_taken_like_a_savedmodel_folder(tiny_export, image_fil
     assert P.main([files["small.png"], "--model", record["onnx"]]) == 0
     assert capsys.readouterr().out == by_folder
     assert "no such folder" in run_cli_error(capsys, [files["small.png"], "--model", str(tmp_path / "tlkerass")])
+
+
+# --- many files: streamed in bounded batches ---------------------------------------------
+
+
+def many_files(folder, count):
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(5)
+    paths = []
+    for i in range(count):
+        path = folder / f"{i:04d}.png"
+        Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_classify_files_decodes_and_answers_one_bounded_batch_at_a_time(tmp_path, monkeypatch):
+    paths = many_files(tmp_path, 75)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    asked = [*paths[:40], str(tmp_path / "bad.png"), paths[3], *paths[40:]]  # a bad file, a path twice
+    decoded, batches = [], []
+    real = P.decode_file
+    monkeypatch.setattr(P, "decode_file", lambda p, **kw: decoded.append(p) or real(p, **kw))
+
+    def run(images):
+        batches.append((len(images), len(decoded)))
+        assert images.shape[1:] == (16, 16, 3)
+        return np.tile(np.eye(2, dtype=np.float32)[:1], (len(images), 1)), ("a", "b")
+
+    answers = []
+    for path, probabilities, names, reason in P.classify_files(asked, (16, run), batch_size=32):
+        answers.append(path)
+        assert (reason is None) == (path != str(tmp_path / "bad.png"))
+        if reason is None:
+            assert names == ("a", "b") and probabilities.shape == (2,)
+        else:
+            assert probabilities is None and "bad.png" in reason
+        assert len(answers) <= 32 * len(batches)  # answered as soon as its batch is known
+    assert answers == asked  # one answer per argument, in order
+    # 77 arguments, 32 at a time: the model saw 32, 31 (the bad one is out) and 13 images,
+    # and no file of a batch was decoded before the previous batch was answered.
+    assert batches == [(32, 32), (31, 64), (13, 77)]
+
+
+def test_the_cli_prints_every_line_of_a_batch_before_decoding_the_next(tiny_export, tmp_path, monkeypatch, capsys):
+    _, base, _ = tiny_export
+    paths = many_files(tmp_path, 20)
+    asked = [*paths, paths[0]]
+    monkeypatch.setattr(P, "BATCH", 8)
+    printed, seen = [], []
+    real = P.decode_file
+
+    def decode(path, **kw):
+        printed.extend(capsys.readouterr().out.splitlines())
+        seen.append(len(printed))
+        return real(path, **kw)
+
+    monkeypatch.setattr(P, "decode_file", decode)
+    assert P.main([*asked, "--model", str(base / "tlkeras"), "--top-k", "2"]) == 0
+    printed.extend(capsys.readouterr().out.splitlines())
+    assert [line.split(": ")[0] for line in printed] == asked  # 21 lines: the repeated path twice
+    assert seen[8] == 8 and seen[16] == 16  # a batch's lines were out before the next was decoded
+
+
+def test_top_k_over_the_class_count_shows_all_with_a_note(other_export, image_files, capsys):
+    _, base, _ = other_export
+    files, _ = image_files
+    assert P.main([files["small.png"], files["big.jpg"], "--model", str(base / "bugs"), "--top-k", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert [len(line.split(": ")[1].split(", ")) for line in out.splitlines()] == [3, 3]
+    assert err.strip() == "note: --top-k 5 is more than the model's 3 classes; showing all 3"  # once
+
+
+def test_phone_photos_and_names_that_are_not_utf8(tiny_export, tmp_path, capsys):
+    import os
+
+    from PIL import Image
+
+    pillow_heif = pytest.importorskip("pillow_heif")
+    pillow_heif.register_heif_opener()
+    _, base, _ = tiny_export
+    pixels = np.random.default_rng(2).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    heic = tmp_path / "IMG_0001.HEIC"
+    Image.fromarray(pixels).save(heic, "HEIF")
+    latin = os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9.jfif")
+    Image.fromarray(pixels).save(latin, "JPEG")
+    assert P.main([str(heic), latin, "--model", str(base / "tlkeras")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{heic}: ") and out[1].startswith(f"{tmp_path}/caf\\xe9.jfif: ")

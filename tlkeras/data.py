@@ -14,6 +14,7 @@ model, so exports take raw pixels.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -33,15 +34,57 @@ import tensorflow_datasets as tfds
 from tlkeras.config import DataConfig, is_folder
 from tlkeras.errors import ConfigError, UserError
 from tlkeras.files import write_atomic
-from tlkeras.images import FILE_LIMITS, ImageError, composite_in_graph, decode_file, fit_square
+from tlkeras.images import (
+    FILE_LIMITS,
+    FORMAT_NAMES,
+    IMAGE_EXTENSIONS,
+    ImageError,
+    composite_in_graph,
+    decode_file,
+    fit_square,
+    shown,
+    sniff_file,
+)
 from tlkeras.policies import assign_splits, carve_counts, storage_size
 
 log = logging.getLogger("tlkeras")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")  # what the folder scan reads
-SYSTEM_FILES = ("thumbs.db", "desktop.ini")  # besides hidden files, never images
+# Folders that operating systems, NAS boxes, zip tools and photo apps write beside photos
+# (compared case-blind; any name starting with '.Trash' and every hidden folder too). Never a
+# class, never photos of one: Synology's @eaDir holds thumbnails of the photos beside it, so
+# read as photos they leak training images into the test split.
+SYSTEM_FOLDERS = frozenset(
+    name.casefold()
+    for name in (
+        "@eaDir",  # Synology thumbnails
+        "#recycle",  # Synology recycle bin
+        "#snapshot",  # Synology snapshots
+        "@Recycle",  # QNAP recycle bin
+        "@Recently-Snapshot",  # QNAP snapshots
+        ".@__thumb",  # QNAP thumbnails
+        "@__thumb",
+        "$RECYCLE.BIN",  # Windows recycle bin
+        "RECYCLER",  # older Windows recycle bin
+        "System Volume Information",  # Windows
+        "lost+found",  # Linux file systems
+        "__MACOSX",  # macOS zip resource forks
+        ".Trashes",  # macOS removable drives
+        ".Spotlight-V100",
+        ".fseventsd",
+        ".TemporaryItems",
+        ".DocumentRevisions-V100",
+        "Network Trash Folder",  # AFP shares
+        "Temporary Items",
+        ".AppleDouble",  # Netatalk
+        ".AppleDB",
+        ".thumbnails",  # freedesktop thumbnail cache
+        ".thumbs",
+        ".picasaoriginals",  # Picasa
+    )
+)
+SYSTEM_FILES = ("thumbs.db", "ehthumbs.db", "desktop.ini", ".ds_store", ".picasa.ini")  # besides hidden files
 SPLIT_FOLDERS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
-SCAN_VERSION = 2  # bump when decoding changes, so cached scans are redone
+SCAN_VERSION = 3  # bump when decoding changes, so cached scans are redone (3: ICC to sRGB, HEIF, AVIF)
 
 
 @dataclass(frozen=True)
@@ -256,44 +299,180 @@ def auto_tfds_splits(available: list[str], explicit: dict, val_fraction: float, 
 # ---------------------------------------------------------------------------- folders
 
 
+def system_name(name: str) -> bool:
+    """A folder or file name that an OS, a NAS, a zip tool or a photo app writes: never a
+    class and never a photo (SYSTEM_FOLDERS, SYSTEM_FILES, '.Trash*')."""
+    folded = name.casefold()
+    return folded in SYSTEM_FOLDERS or folded in SYSTEM_FILES or folded.startswith(".trash")
+
+
 def _visible(name: str) -> bool:
-    return not name.startswith(".") and name.lower() not in SYSTEM_FILES
+    return not name.startswith(".") and not system_name(name)
 
 
-def _class_files(class_dir: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) under one class folder, recursively, sorted; symlinked
-    folders are followed once (a link loop is not), broken links count as other files."""
-    images, other, seen = [], [], set()
-    for folder, dirs, files in os.walk(class_dir, followlinks=True):
-        real = os.path.realpath(folder)
-        if real in seen:
-            dirs[:] = []
+def _inside(path: str, folder: str) -> bool:
+    """Whether real path `path` is `folder` or lies under it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+@dataclass
+class Skipped:
+    """What the folder listing left out, for the one log line (`describe`)."""
+
+    system_folders: list[Path] = dataclasses.field(default_factory=list)  # @eaDir, #recycle, hidden folders
+    hidden_files: int = 0  # .DS_Store, ._IMG_1.jpg (AppleDouble), Thumbs.db...
+    other: list[Path] = dataclasses.field(default_factory=list)  # not an image by name nor content
+    outside: list[Path] = dataclasses.field(default_factory=list)  # links out of their class folder
+    loops: list[Path] = dataclasses.field(default_factory=list)  # links to a folder that holds them
+    broken: list[Path] = dataclasses.field(default_factory=list)  # links to nothing, unreadable folders
+    duplicates: int = 0  # links to a photo already listed in the same class: read once
+
+    def describe(self, bad: dict[str, str], total: int) -> tuple[int, str | None]:
+        """(log level, one line) naming every kind of file left out with its count, or None."""
+        parts = []
+        if bad:
+            parts.append(
+                f"{len(bad)} of {total} image files cannot be decoded and are left out "
+                f"(e.g. {', '.join(list(bad.values())[:2])})"
+            )
+        if self.other:
+            parts.append(f"{len(self.other)} non-image files ignored (e.g. '{shown(self.other[0])}')")
+        links = [
+            (self.outside, "lead out of their class folder (not followed: a link may not add another class's photos)"),
+            (self.loops, "loop back to a folder holding them"),
+            (self.broken, "are broken or unreadable"),
+        ]
+        parts += [f"{len(paths)} links {what} (e.g. '{shown(paths[0])}')" for paths, what in links if paths]
+        if self.duplicates:
+            parts.append(f"{self.duplicates} links to a photo already in the same class read once")
+        quiet = []  # expected on NAS and Mac folders: said, but not a warning
+        if self.system_folders:
+            names = sorted({shown(p.name) for p in self.system_folders})
+            quiet.append(f"{len(self.system_folders)} system or hidden folders skipped ({', '.join(names[:5])})")
+        if self.hidden_files:
+            quiet.append(f"{self.hidden_files} hidden or system files skipped (.DS_Store, Thumbs.db...)")
+        if not parts and not quiet:
+            return logging.INFO, None
+        return (logging.WARNING if parts else logging.INFO), "data: " + "; ".join(parts + quiet)
+
+
+def _class_files(class_dir: Path, skipped: Skipped) -> list[Path]:
+    """The image files under one class folder, recursively, sorted; what is left out is
+    counted in `skipped`.
+
+    An image is a file with one of images.IMAGE_EXTENSIONS, or any other file whose first
+    bytes are an image format tlkeras reads (images.sniff_file). Never leaves the class
+    folder: a link (to a file or a folder) whose target lies outside it - the parent,
+    another class, anywhere else - is not followed; a link to a folder holding it (a loop)
+    neither; a link inside the class is read once. System and hidden names are skipped.
+    """
+    top = os.path.realpath(class_dir)
+    images, seen_files, seen_dirs = [], set(), {top}
+    stack = [(class_dir, top)]  # (path as listed, its real path)
+    while stack:
+        folder, real = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            skipped.broken.append(folder)
             continue
-        seen.add(real)
-        dirs[:] = sorted(d for d in dirs if _visible(d))
-        for name in sorted(files):
-            p = Path(folder) / name
-            if not _visible(name):
+        subdirs = []
+        for entry in entries:
+            path = Path(entry.path)
+            if not _visible(entry.name):
+                if entry.is_dir():
+                    skipped.system_folders.append(path)
+                else:
+                    skipped.hidden_files += 1
                 continue
-            is_image = p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-            (images if is_image else other).append(p)
-    return sorted(images), other
+            if entry.is_symlink():
+                try:
+                    target = os.path.realpath(path, strict=True)
+                except OSError as e:
+                    (skipped.loops if e.errno == errno.ELOOP else skipped.broken).append(path)
+                    continue
+                if not _inside(target, top):
+                    skipped.outside.append(path)
+                    continue
+                if os.path.isdir(target) and _inside(real, target):
+                    skipped.loops.append(path)
+                    continue
+                is_dir, is_file = os.path.isdir(target), os.path.isfile(target)
+            else:  # the entry's own type, no stat: a class of thousands of photos lists fast
+                target = os.path.join(real, entry.name)
+                is_dir, is_file = entry.is_dir(follow_symlinks=False), entry.is_file(follow_symlinks=False)
+            if is_dir:
+                if target not in seen_dirs:
+                    seen_dirs.add(target)
+                    subdirs.append((path, target))
+            elif not is_file:  # a socket, a fifo
+                skipped.other.append(path)
+            elif target in seen_files:
+                skipped.duplicates += 1
+            else:
+                seen_files.add(target)
+                if path.suffix.lower() in IMAGE_EXTENSIONS or sniff_file(path) is not None:
+                    images.append(path)
+                else:
+                    skipped.other.append(path)
+        stack.extend(reversed(subdirs))
+    return sorted(images)
 
 
-def list_folder(root: Path, key: str = "data.dataset") -> tuple[dict[str, dict[str, list[Path]]], list[Path], bool]:
-    """({split folder name: {class: files}}, non-image files, flat): a flat folder is one
-    split named 'train', like tfds's tf_flowers."""
+def _subfolders(folder: Path, skipped: Skipped) -> list[Path]:
+    """The visible subfolders of `folder` (links to folders included), sorted; system and
+    hidden ones are counted in `skipped`."""
+    found = []
+    for p in sorted(folder.iterdir()):
+        if not p.is_dir():
+            continue
+        if _visible(p.name):
+            found.append(p)
+        else:
+            skipped.system_folders.append(p)
+    return found
+
+
+def _check_class_folders(folder: Path, class_dirs: list[Path], key: str) -> None:
+    """Refuses class folders that differ only in case, or that are one folder twice."""
+    by_name = {}
+    for p in class_dirs:
+        other = by_name.setdefault(p.name.casefold(), p)
+        if other is not p:
+            raise UserError(
+                f"{key}: '{shown(folder)}' has class folders '{shown(other.name)}' and '{shown(p.name)}', which differ "
+                f"only in case (one folder on Windows and macOS, two classes here); move the photos of one "
+                f"into the other and remove it"
+            )
+    real = {p: os.path.realpath(p) for p in class_dirs}
+    for a in class_dirs:
+        for b in class_dirs:
+            if a is not b and _inside(real[b], real[a]):
+                raise UserError(
+                    f"{key}: class folder '{shown(b)}' is (or lies inside) class folder '{shown(a)}' through a "
+                    f"link; its photos would carry two labels: replace the link with the photos that belong there"
+                )
+
+
+def list_folder(root: Path, key: str = "data.dataset") -> tuple[dict[str, dict[str, list[Path]]], Skipped, bool]:
+    """({split folder name: {class: files}}, what was left out, flat): a flat folder is one
+    split named 'train', like tfds's tf_flowers.
+
+    System folders (SYSTEM_FOLDERS: NAS thumbnails and recycle bins, trash, __MACOSX...) and
+    hidden ones are skipped wherever they are, as split, class or sub-folders. Class names
+    are the folder names as `images.shown` prints them (bytes that are not UTF-8 escaped)."""
     if not root.is_dir():
         raise UserError(
-            f"{key}='{root}': no such folder; give a folder of class subfolders "
+            f"{key}='{shown(root)}': no such folder; give a folder of class subfolders "
             f"(<root>/<class>/<image>) or a tfds dataset name"
         )
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and _visible(p.name))
+    skipped = Skipped()
+    subdirs = _subfolders(root, skipped)
     split_dirs = [p for p in subdirs if p.name.lower() in SPLIT_FOLDERS]
     if split_dirs and len(split_dirs) < len(subdirs):
-        others = [p.name for p in subdirs if p not in split_dirs]
+        others = [shown(p.name) for p in subdirs if p not in split_dirs]
         raise UserError(
-            f"{key}='{root}' mixes split folders ({', '.join(p.name for p in split_dirs)}/) with "
+            f"{key}='{shown(root)}' mixes split folders ({', '.join(p.name for p in split_dirs)}/) with "
             f"other folders ({', '.join(others[:3])}); use <root>/<split>/<class>/ or "
             f"<root>/<class>/, not both (a class named like a split must be renamed)"
         )
@@ -301,30 +480,30 @@ def list_folder(root: Path, key: str = "data.dataset") -> tuple[dict[str, dict[s
     for p in split_dirs:  # 'Val', 'validation' and 'val' are one split: 'validation'
         name = SPLIT_FOLDERS[p.name.lower()]
         if name in layout:
-            raise UserError(f"{key}='{root}' has both {layout[name].name}/ and {p.name}/; keep one")
+            raise UserError(f"{key}='{shown(root)}' has both {layout[name].name}/ and {p.name}/; keep one")
         layout[name] = p
     if split_dirs and "train" not in layout:
         raise UserError(
-            f"{key}='{root}' has split folders ({', '.join(p.name for p in split_dirs)}/) "
+            f"{key}='{shown(root)}' has split folders ({', '.join(p.name for p in split_dirs)}/) "
             f"but no train/; add train/<class>/<image>"
         )
     layout = layout or {"train": root}
-    tree, ignored = {}, []
+    tree = {}
     for split, folder in layout.items():
         classes = {}
-        for class_dir in sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p.name)):
-            images, other = _class_files(class_dir)
+        class_dirs = subdirs if folder is root else _subfolders(folder, skipped)
+        _check_class_folders(folder, class_dirs, key)
+        for class_dir in class_dirs:
+            images = _class_files(class_dir, skipped)
             if not images:
                 raise UserError(
-                    f"class folder '{class_dir}' holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                    f"add some or remove the folder"
+                    f"class folder '{shown(class_dir)}' holds no images ({FORMAT_NAMES}); add some or remove the folder"
                 )
-            ignored += other
-            classes[class_dir.name] = images
+            classes[shown(class_dir.name)] = images
         if not classes:  # every class folder holds images (checked above)
             raise UserError(
-                f"{key}: '{folder}' holds no class subfolders with images; expected "
-                f"{folder}/<class>/<image> ({', '.join(IMAGE_EXTENSIONS)})"
+                f"{key}: '{shown(folder)}' holds no class subfolders with images; expected "
+                f"{shown(folder)}/<class>/<image> ({FORMAT_NAMES})"
             )
         tree[split] = classes
     names = {split: sorted(classes) for split, classes in tree.items()}
@@ -333,16 +512,19 @@ def list_folder(root: Path, key: str = "data.dataset") -> tuple[dict[str, dict[s
         if found != reference:
             extra = sorted(set(found) ^ set(reference))
             raise UserError(
-                f"{key}='{root}': the class folders of {layout[split].name}/ differ from {layout['train'].name}/ "
-                f"({', '.join(extra[:5])}); every split folder needs the same class subfolders"
+                f"{key}='{shown(root)}': the class folders of {layout[split].name}/ differ from "
+                f"{layout['train'].name}/ ({', '.join(extra[:5])}); every split folder needs the same class subfolders"
             )
-    return tree, ignored, split_dirs == []
+    return tree, skipped, split_dirs == []
 
 
 def _scan_cache_dir() -> Path:
+    """TLKERAS_CACHE_DIR, else $XDG_CACHE_HOME/tlkeras, else ~/.cache/tlkeras; an empty or
+    relative XDG_CACHE_HOME is ignored, as the XDG spec says (it would write into the
+    current folder)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
     base = (
-        os.environ.get("TLKERAS_CACHE_DIR")
-        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tlkeras"
+        os.environ.get("TLKERAS_CACHE_DIR") or Path(xdg if os.path.isabs(xdg) else Path.home() / ".cache") / "tlkeras"
     )
     return Path(base) / "scans"
 
@@ -361,8 +543,11 @@ def scan_images(files: list[Path]) -> dict[str, str]:
     Cached by the files' paths, sizes and modification times, so a rerun over the same
     folder does not decode everything again.
     """
-    listing = [f"{p}\t{p.stat().st_size}\t{p.stat().st_mtime_ns}" for p in files]
-    digest = hashlib.sha256("\n".join([str(SCAN_VERSION), *listing]).encode()).hexdigest()[:24]
+    digest = hashlib.sha256(str(SCAN_VERSION).encode())
+    for p in files:  # bytes: a name that is not UTF-8 (surrogates in str) hashes too
+        stat = p.stat()
+        digest.update(b"\n%s\t%d\t%d" % (os.fsencode(p), stat.st_size, stat.st_mtime_ns))
+    digest = digest.hexdigest()[:24]
     cache = _scan_cache_dir() / f"{digest}.json"
     try:
         return json.loads(cache.read_text())["bad"]
@@ -421,22 +606,17 @@ def _folder_slice(spec: str, key: str, pools: dict[str, list], seed: int) -> lis
 
 def _folder_source(cfg: DataConfig, model_size: int, seed: int):
     root = Path(cfg.dataset).expanduser()
-    tree, ignored, flat = list_folder(root)
+    tree, skipped, flat = list_folder(root)
     everything = [p for classes in tree.values() for files in classes.values() for p in files]
     bad = scan_images(everything)
-    if bad or ignored:
-        first = ", ".join(list(bad)[:3])
-        log.warning(
-            "data: %d of %d image files cannot be decoded and are left out%s%s",
-            len(bad),
-            len(everything),
-            f" (e.g. {first})" if bad else "",
-            f"; {len(ignored)} non-image files ignored (e.g. {ignored[0]})" if ignored else "",
-        )
+    level, line = skipped.describe(bad, len(everything))
+    if line:
+        log.log(level, "%s", line)
     class_names = tuple(sorted(next(iter(tree.values()))))
     if len(class_names) < 2:
         raise UserError(
-            f"data.dataset='{root}' has one class ({class_names[0]}); a classifier needs at least 2 class subfolders"
+            f"data.dataset='{shown(root)}' has one class ({class_names[0]}); a classifier needs at least 2 class "
+            f"subfolders"
         )
     good = {
         split: {c: [p for p in files if str(p) not in bad] for c, files in classes.items()}
@@ -446,7 +626,7 @@ def _folder_source(cfg: DataConfig, model_size: int, seed: int):
         for c, files in classes.items():
             if not files and tree[split][c]:
                 raise UserError(
-                    f"class '{c}' in '{root}' has no readable images ({len(tree[split][c])} "
+                    f"class '{c}' in '{shown(root)}' has no readable images ({len(tree[split][c])} "
                     f"files, none decodes; e.g. {bad[str(tree[split][c][0])]})"
                 )
     # Split folders as tfds split names ('val' answers for 'validation').
@@ -482,7 +662,7 @@ def _folder_source(cfg: DataConfig, model_size: int, seed: int):
     def read(path):
         # Pillow, not tf.io: EXIF orientation, transparency and GIF/BMP decoded as a
         # viewer shows them, exactly as `predict` reads a file.
-        image = tf.numpy_function(lambda p: decode_file(p.decode(), **FILE_LIMITS), [path], tf.uint8, stateful=False)
+        image = tf.numpy_function(lambda p: decode_file(p, **FILE_LIMITS), [path], tf.uint8, stateful=False)
         image.set_shape([None, None, 3])
         return fit_square(image, size)
 
@@ -495,7 +675,7 @@ def _folder_source(cfg: DataConfig, model_size: int, seed: int):
                 if role != "train"
                 else f"the train split of '{root}' came out empty; lower data.val_fraction and data.test_fraction"
             )
-        paths = tf.constant([str(p) for p, _ in pairs])
+        paths = tf.constant([os.fsencode(p) for p, _ in pairs])  # bytes: names need not be UTF-8
         labels = tf.constant([y for _, y in pairs], tf.int64)
         ds = tf.data.Dataset.from_tensor_slices((paths, labels))
         datasets[role] = ds.map(lambda p, y: (read(p), y), num_parallel_calls=tf.data.AUTOTUNE)

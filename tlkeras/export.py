@@ -16,8 +16,10 @@ Contract (stable names; S is the run's storage size, C its class count):
                    class_names: string [batch, C] (every name, in class-index order)
   predict_bytes    image_bytes: string [batch] (JPEG, PNG, BMP or GIF; TF Serving's b64)
                    -> the same; decoded, alpha composited on white, centre-cropped and
-                   resized to S in the graph (EXIF orientation is not applied there:
-                   clients send upright images, as tlkeras.predict does)
+                   resized to S in the graph (EXIF orientation and ICC profiles are not
+                   applied there, and HEIC/AVIF cannot be decoded: clients send upright
+                   sRGB JPEG/PNG, as tlkeras.serving does with images.upright_bytes, or
+                   uint8 pixels to serving_default, as tlkeras.predict does)
   ONNX             images: uint8 [batch, S, S, 3]  ->  probabilities, classes; metadata
                    `class_names` (JSON list) and `image_size`; labels.txt beside it
 """

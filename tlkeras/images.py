@@ -6,18 +6,22 @@
 
 Two decoders, one pixel convention:
 - `decode_bytes` / `decode_file` (Pillow, in Python): what training on folders and the
-  predict CLI use. JPEG, PNG, BMP, GIF (first frame); EXIF orientation applied
-  (`PIL.ImageOps.exif_transpose`; TensorFlow ignores it: tensorflow/tensorflow#33932, phone
-  photos come out sideways); transparency composited onto white; every failure is one
-  ImageError line naming the file.
+  predict CLI use. JPEG, PNG, BMP, GIF (first frame), HEIC/HEIF (pillow-heif) and AVIF
+  (Pillow), recognised by their first bytes whatever the file is called; EXIF orientation
+  applied (`PIL.ImageOps.exif_transpose`; TensorFlow ignores it: tensorflow/tensorflow#33932,
+  phone photos come out sideways); an embedded ICC colour profile (Adobe RGB, Display P3)
+  converted to sRGB (`PIL.ImageCms`), as a colour-managed viewer shows it; transparency
+  composited onto white; every failure is one ImageError line naming the file.
 - `decode_in_graph` (TF ops): the SavedModel's `predict_bytes` signature, where no Python
-  runs. Same checks and the same white compositing as far as TF's decoders allow (its
-  docstring lists what they cannot do).
+  runs. JPEG, PNG, BMP and GIF only; same checks and the same white compositing as far as
+  TF's decoders allow (its docstring lists what they cannot do: HEIC/AVIF, ICC profiles,
+  EXIF orientation; `upright_bytes` prepares any file for it on the client).
 Both end in `fit_square`, so training, predict and serving see the same pixels.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -27,14 +31,38 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import BmpImagePlugin, ExifTags, GifImagePlugin, Image, ImageOps, JpegImagePlugin, PngImagePlugin
+from PIL import (
+    BmpImagePlugin,
+    ExifTags,
+    GifImagePlugin,
+    Image,
+    ImageCms,
+    ImageOps,
+    JpegImagePlugin,
+    PngImagePlugin,
+    features,
+)
 
 from tlkeras.errors import UserError
 
 if TYPE_CHECKING:  # TensorFlow is imported inside the functions: nothing heavy at import
     import tensorflow as tf
 
-FORMATS = ("JPEG", "PNG", "BMP", "GIF")
+FORMATS = ("JPEG", "PNG", "BMP", "GIF", "HEIF", "AVIF")  # what decode_bytes reads
+GRAPH_FORMATS = ("JPEG", "PNG", "BMP", "GIF")  # what decode_in_graph (predict_bytes) reads
+# The one list of file name endings tlkeras takes for images (the folder scan and predict's
+# help read it). The name is only a first guess: a file with another or no extension is
+# still read when its first bytes are one of FORMATS (sniff_file), and a .jpg that holds a
+# HEIC photo is decoded as HEIC.
+EXTENSIONS = {
+    "JPEG": (".jpg", ".jpeg", ".jpe", ".jfif", ".jif", ".jfi"),
+    "PNG": (".png",),
+    "BMP": (".bmp", ".dib"),
+    "GIF": (".gif",),
+    "HEIF": (".heic", ".heif", ".hif", ".heics", ".heifs"),
+    "AVIF": (".avif", ".avifs"),
+}
+IMAGE_EXTENSIONS = tuple(ext for exts in EXTENSIONS.values() for ext in exts)
 MAX_IMAGE_BYTES = 16 * 2**20
 MAX_IMAGE_PIXELS = 4096 * 4096  # refuse before decoding: a 30k x 30k PNG is 2.7 GB of RAM
 # Files read on the user's own machine (training folders, `predict`) may be larger: a
@@ -44,8 +72,10 @@ FILE_LIMITS = {"max_bytes": 64 * 2**20, "max_pixels": 10_000 * 10_000}
 # editors often leave black or arbitrary values under alpha 0, which a model would see.
 BACKGROUND = (255, 255, 255)
 
-_READS = f"tlkeras reads {', '.join(FORMATS[:-1])} and {FORMATS[-1]}"
-_ONE_OF = f"{', '.join(FORMATS[:-1])} or {FORMATS[-1]}"
+FORMAT_NAMES = "JPEG, PNG, BMP, GIF, HEIC/HEIF and AVIF"  # FORMATS in words, for messages and help
+_READS = f"tlkeras reads {FORMAT_NAMES}"
+_ONE_OF = FORMAT_NAMES.replace(" and ", " or ")
+_GRAPH_ONE_OF = f"{', '.join(GRAPH_FORMATS[:-1])} or {GRAPH_FORMATS[-1]}"
 _MIB = f"{MAX_IMAGE_BYTES // 2**20} MiB"
 _SIDE = math.isqrt(MAX_IMAGE_PIXELS)
 _MAGIC = {  # first bytes of each readable format
@@ -62,8 +92,21 @@ _OPENERS = {
     "GIF": GifImagePlugin.GifImageFile,
     "BMP": BmpImagePlugin.BmpImageFile,
 }
-# Phone formats Pillow cannot identify without a plugin: ISO-BMFF brand at bytes 4..12.
-_HEIF_BRANDS = {b"ftypheic": "HEIC", b"ftypheix": "HEIC", b"ftypmif1": "HEIF", b"ftypavif": "AVIF"}
+# Phone formats (ISO-BMFF): b"ftyp" at bytes 4..8, then the major brand. 'mif1'/'msf1' are
+# generic: the compatible brands of the ftyp box say whether the file is AVIF.
+_AVIF_BRANDS = (b"avif", b"avis")
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1", b"mif2")
+_SNIFF_BYTES = 64  # enough for every check of sniff_format
+
+
+def shown(path: str | bytes | os.PathLike) -> str:
+    """A file name as messages and logs show it: always printable UTF-8.
+
+    Bytes that are not UTF-8 (a zip made on Windows: Latin-1 'café' is b'caf\\xe9') come
+    back from the OS as surrogates, which print() and log files refuse with a traceback;
+    here they are backslash escapes ('caf\\xe9.jpg'), as are control characters."""
+    text = os.fsdecode(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class ImageError(UserError):
@@ -71,17 +114,31 @@ class ImageError(UserError):
 
 
 def sniff_format(data: bytes) -> str | None:
-    """'JPEG', 'PNG', 'GIF' or 'BMP' from the magic bytes, else None."""
+    """One of FORMATS from the first bytes (magic numbers, ISO-BMFF brands), else None."""
     for fmt, magics in _MAGIC.items():
         if data.startswith(magics):
             return fmt
+    if data[4:8] == b"ftyp":
+        box = int.from_bytes(data[:4], "big")
+        brands = [data[8:12]] + [data[i : i + 4] for i in range(16, min(box, len(data)) - 3, 4)]
+        if brands[0] in _AVIF_BRANDS or (brands[0] in (b"mif1", b"msf1") and set(brands) & set(_AVIF_BRANDS)):
+            return "AVIF"
+        if brands[0] in _HEIF_BRANDS:
+            return "HEIF"
     return None
+
+
+def sniff_file(path: str | bytes | os.PathLike) -> str | None:
+    """sniff_format on a file's first bytes; None when it cannot be read either."""
+    try:
+        with open(path, "rb") as f:
+            return sniff_format(f.read(_SNIFF_BYTES))
+    except OSError:
+        return None
 
 
 def _describe_other(data: bytes) -> str:
     """What a file that is none of FORMATS is, in words: 'is a WEBP image', 'is a text file'."""
-    if data[4:12] in _HEIF_BRANDS:
-        return f"is a {_HEIF_BRANDS[data[4:12]]} image"
     if _looks_like_text(data):
         return "is a text file, not an image"
     # Pillow knows ~40 formats. Identification only: nothing is decoded, and any failure
@@ -116,7 +173,7 @@ def _too_big(name: str, size: int, limit: int = MAX_IMAGE_BYTES) -> ImageError:
 def decode_bytes(
     data: bytes, name: str = "image", max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> np.ndarray:
-    """An encoded JPEG/PNG/BMP/GIF file -> uint8 RGB pixels [H, W, 3], upright, opaque.
+    """An encoded image file (one of FORMATS) -> uint8 RGB pixels [H, W, 3], upright, sRGB, opaque.
 
     Checks, in order (each an ImageError `'<name>': <reason>; <fix>` on one line): empty;
     over `max_bytes`; not one of FORMATS by its magic bytes (names what it is: WEBP,
@@ -136,11 +193,12 @@ def decode_bytes(
     fmt = sniff_format(data)
     if fmt is None:
         raise ImageError(f"'{name}': {_describe_other(data)}; {_READS}: convert it")
+    opener = _opener(fmt, name)
     # Pillow's parsers raise nearly any built-in exception on malformed input (SyntaxError,
     # struct.error, IndexError, UnicodeDecodeError, ValueError, OSError...); each try block
     # holds one Pillow call, so a failure there is always the file's fault.
     try:
-        im = _OPENERS[fmt](io.BytesIO(data))
+        im = opener(io.BytesIO(data))
     except Exception:  # noqa: BLE001
         raise ImageError(
             f"'{name}': corrupt or truncated {fmt} header; re-save the image or pass another file"
@@ -162,11 +220,76 @@ def decode_bytes(
         im = ImageOps.exif_transpose(im)
     except Exception:  # noqa: BLE001 - broken EXIF: show it as stored, as browsers do
         pass
-    return _to_rgb(im)
+    return _to_rgb(to_srgb(im))
+
+
+def _opener(fmt: str, name: str):
+    """The Pillow image class that reads `fmt`; HEIF and AVIF come from their plugins."""
+    if fmt == "HEIF":
+        try:
+            from pillow_heif import HeifImageFile
+        except ImportError:
+            raise ImageError(
+                f"'{name}': is a HEIC/HEIF image and pillow-heif is not installed; pip install pillow-heif"
+            ) from None
+        return HeifImageFile
+    if fmt == "AVIF":
+        if not features.check("avif"):
+            raise ImageError(
+                f"'{name}': is an AVIF image and this Pillow was built without AVIF; pip install -U pillow"
+            )
+        from PIL import AvifImagePlugin
+
+        return AvifImagePlugin.AvifImageFile
+    return _OPENERS[fmt]
+
+
+@functools.cache
+def _srgb() -> ImageCms.ImageCmsProfile:
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+def embedded_profile(im: Image.Image) -> ImageCms.ImageCmsProfile | None:
+    """The image's ICC profile when it is one to convert: present, readable and not sRGB
+    by its description (sRGB is what tlkeras and a viewer assume; converting it would only
+    cost time). None otherwise."""
+    icc = im.info.get("icc_profile")
+    if not icc:
+        return None
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if ImageCms.getProfileDescription(profile).strip().startswith("sRGB"):
+            return None
+    except Exception:  # noqa: BLE001 - a damaged profile: the pixels as stored, as browsers do
+        return None
+    return profile
+
+
+def to_srgb(im: Image.Image) -> Image.Image:
+    """`im` with its embedded ICC profile (Adobe RGB, Display P3, a camera's or a CMYK
+    profile) converted to sRGB by LittleCMS (`PIL.ImageCms`), what a colour-managed viewer
+    shows; alpha is kept. Unchanged: no profile, an sRGB one, a damaged one or one that does
+    not fit the pixels (shown as stored, as browsers do), and 16-bit grayscale."""
+    profile = embedded_profile(im)
+    if profile is None or im.mode not in ("RGB", "RGBA", "L", "LA", "CMYK", "P", "PA"):
+        return im
+    try:
+        work, alpha = im, None
+        if work.mode in ("P", "PA") or work.info.get("transparency") is not None:
+            work = work.convert("LA" if work.mode == "L" else "RGBA")
+        if work.mode in ("RGBA", "LA"):
+            alpha, work = work.getchannel("A"), work.convert(work.mode[:-1])
+        out = ImageCms.profileToProfile(work, profile, _srgb(), outputMode="RGB")
+    except Exception:  # noqa: BLE001 - a profile that does not fit the pixels
+        return im
+    out.info = {}  # plain sRGB pixels: no profile, no transparency key left to apply twice
+    if alpha is not None:
+        out.putalpha(alpha)
+    return out
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
-    """Any Pillow mode from the four formats -> uint8 [H, W, 3], alpha over BACKGROUND."""
+    """Any Pillow mode of FORMATS -> uint8 [H, W, 3], alpha over BACKGROUND."""
     transparency = im.info.get("transparency")
     if im.mode in ("I", "I;16", "I;16B", "I;16L"):
         # Pillow's own I;16 -> L conversion clips at 255 instead of scaling: keep the high
@@ -195,50 +318,55 @@ def composite_over_background(rgba: np.ndarray) -> np.ndarray:
 
 
 def decode_file(
-    path: str | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS
+    path: str | bytes | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> np.ndarray:
-    """decode_bytes on a file's contents: uint8 RGB [H, W, 3].
+    """decode_bytes on a file's contents: uint8 RGB [H, W, 3], as a viewer shows the file.
 
-    The size is checked with stat() before anything is read, and the read is bounded, so
-    a huge file (or a device such as /dev/zero) is refused without loading it. Raises
-    ImageError naming the path: missing/unreadable (with the OS reason), too big, or any
-    decode_bytes failure.
+    The one decode of a file that training on folders, the folder scan and predict share.
+    `path` may be bytes (os.fsencode, e.g. from a tf.string), so names that are not UTF-8
+    are read too. The size is checked with stat() before anything is read, and the read is
+    bounded, so a huge file (or a device such as /dev/zero) is refused without loading it.
+    Raises ImageError naming the path (escaped by `shown`): missing/unreadable (with the OS
+    reason), too big, or any decode_bytes failure.
     """
-    path = Path(path)
+    path = Path(os.fsdecode(path))
+    name = shown(path)
     try:
         size = path.stat().st_size
         if size > max_bytes:
-            raise _too_big(str(path), size, max_bytes)
+            raise _too_big(name, size, max_bytes)
         with path.open("rb") as f:
             data = f.read(max_bytes + 1)  # +1: a file that grew is still caught
     except OSError as e:
-        raise ImageError(f"'{path}': cannot read it ({e.strerror}); check the path") from None
-    return decode_bytes(data, str(path), max_bytes, max_pixels)
+        raise ImageError(f"'{name}': cannot read it ({e.strerror}); check the path") from None
+    return decode_bytes(data, name, max_bytes, max_pixels)
 
 
 def upright_bytes(data: bytes, name: str = "image") -> bytes:
-    """An encoded image for the SavedModel's predict_bytes: `data` itself, or a PNG of the
-    upright pixels when its EXIF orientation tag asks for a rotation or a flip.
+    """An encoded image for the SavedModel's predict_bytes: `data` itself, or a PNG of
+    decode_bytes' pixels when the graph would see something else: an EXIF orientation tag
+    asking for a rotation or a flip, an ICC profile that is not sRGB, or a HEIC/HEIF or
+    AVIF file (which the graph cannot decode at all).
 
-    The graph cannot apply EXIF orientation (decode_in_graph), so TF Serving clients
-    send upright images. PNG is lossless, so the server then sees decode_bytes' pixels
-    (alpha already on BACKGROUND); JPEG quality 95 only if the PNG would pass
-    MAX_IMAGE_BYTES. Bytes that are no readable image are returned unchanged: the server
-    refuses them with its own reason. Raises ImageError (from decode_bytes) only for a
-    rotated image that cannot be decoded.
+    PNG is lossless, so the server then sees decode_bytes' pixels (alpha already on
+    BACKGROUND); JPEG quality 95 only if the PNG would pass MAX_IMAGE_BYTES. Bytes that are
+    no readable image are returned unchanged: the server refuses them with its own reason.
+    Raises ImageError (from decode_bytes) only for an image to convert that cannot be decoded.
     """
     fmt = sniff_format(data)
     if fmt is None:
         return data
-    try:
-        with _OPENERS[fmt](io.BytesIO(data)) as im:
-            if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:  # getexif() may decode a PNG
-                return data
-            orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
-    except Exception:  # noqa: BLE001 - unreadable: the server gives the reason
-        return data
-    if orientation in (None, 1):
-        return data
+    if fmt in GRAPH_FORMATS:
+        try:
+            with _OPENERS[fmt](io.BytesIO(data)) as im:
+                if im.size[0] * im.size[1] > MAX_IMAGE_PIXELS:  # getexif() may decode a PNG
+                    return data
+                orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+                managed = embedded_profile(im) is not None
+        except Exception:  # noqa: BLE001 - unreadable: the server gives the reason
+            return data
+        if orientation in (None, 1) and not managed:
+            return data
     upright = Image.fromarray(decode_bytes(data, name))
     out = io.BytesIO()
     upright.save(out, "PNG")
@@ -280,6 +408,12 @@ def fit_square(image: tf.Tensor, size: int) -> tf.Tensor:
 # block terminator, trailer (13 + 10 + 1 + 1 + 1). BMP: file header + BITMAPINFOHEADER
 # (14 + 40), the only header TF's BMP decoder reads.
 _HEADER_BYTES = {"JPEG": 27, "PNG": 57, "GIF": 26, "BMP": 54}
+# No brackets: readable_error takes the message from between the Assert's [ ].
+_NO_HEIF_IN_GRAPH = (
+    "image is a HEIC/HEIF or AVIF file, which the predict_bytes signature cannot decode (TensorFlow has "
+    "no decoder for them); decode it on the client and send the uint8 pixels to the serving_default "
+    "signature (python -m tlkeras.predict does), or convert it to JPEG or PNG first"
+)
 _GRAPH_ORDER = ("JPEG", "PNG", "GIF", "BMP")  # branch index in decode_in_graph
 
 
@@ -288,9 +422,10 @@ def decode_in_graph(data: tf.Tensor, size: int) -> tf.Tensor:
 
     For the SavedModel's `predict_bytes` signature (run under tf.map_fn there). Checks, each
     a tf.debugging.Assert whose message `readable_error` extracts: over MAX_IMAGE_BYTES;
-    empty; not JPEG/PNG/GIF/BMP by magic bytes ("image is not a JPEG, PNG, BMP or GIF
-    file"); too short to hold its header ("image is truncated (N bytes)"); BMP under 24
-    bits per pixel; width x height, read from the header without decoding (JPEG:
+    empty; HEIC/HEIF or AVIF (TF has no decoder for them: the message says to decode on
+    the client and send the pixels to serving_default); not JPEG/PNG/GIF/BMP by magic bytes
+    ("image is not a JPEG, PNG, BMP or GIF file"); too short to hold its header ("image is
+    truncated (N bytes)"); BMP under 24 bits per pixel; width x height, read from the header without decoding (JPEG:
     extract_jpeg_shape; PNG: IHDR; GIF: logical screen descriptor; BMP: info header), over
     MAX_IMAGE_PIXELS. A corrupt body fails in TF's decoder (InvalidArgumentError).
     Then the pixels go through fit_square.
@@ -308,6 +443,9 @@ def decode_in_graph(data: tf.Tensor, size: int) -> tf.Tensor:
     - JPEG: CMYK is converted like Pillow does. EXIF orientation is NOT applied: it cannot
       soundly be done in the graph, so clients apply EXIF orientation before sending
       (tlkeras's predict CLI sends pixels decoded by decode_bytes).
+    - ICC colour profiles are ignored (no colour management in TF): an Adobe RGB or
+      Display P3 photo is read as if it were sRGB. `upright_bytes` converts such files
+      (and HEIC/AVIF, and rotated ones) to a PNG of decode_bytes' pixels on the client.
     """
     import tensorflow as tf
 
@@ -335,7 +473,15 @@ def decode_in_graph(data: tf.Tensor, size: int) -> tf.Tensor:
             fail_unless(length > 0, "image is empty (0 bytes)"),
         ]
     ):
-        known = fail_unless(tf.reduce_any(starts), f"image is not a {_ONE_OF} file")
+        head = tf.strings.join([tf.strings.substr(data, 0, 8), b"\0" * 8])  # substr past the end fails
+        phone = tf.equal(tf.strings.substr(head, 4, 4), b"ftyp")
+        not_phone = fail_unless(tf.logical_not(phone), _NO_HEIF_IN_GRAPH)
+    with tf.control_dependencies([not_phone]):
+        known = fail_unless(
+            tf.reduce_any(starts),
+            f"image is not a {_GRAPH_ONE_OF} file; send one of these, or decode it on the client "
+            f"and send the uint8 pixels to the serving_default signature",
+        )
     with tf.control_dependencies([known]):
         header_bytes = tf.gather([_HEADER_BYTES[fmt] for fmt in _GRAPH_ORDER], kind)
         whole_header = fail_unless(length >= header_bytes, "image is truncated ({} bytes)", length)

@@ -5,24 +5,33 @@
     python -m tlkeras.predict cat.jpg --model http://localhost:8501/v1/models/tlkeras
     python -m tlkeras.predict cat.jpg --model localhost:8500/tlkeras --backend grpc
 
-Files (JPEG, PNG, BMP, GIF; any size) are decoded as a viewer shows them (EXIF orientation
-applied, transparency on white), centre-cropped and resized to the model's input size S
-with the same function as training and the SavedModel's predict_bytes signature, so every
-backend sees the same pixels. Class names and S are read from the model itself.
+Files (JPEG, PNG, BMP, GIF, HEIC/HEIF, AVIF, known by their content whatever their name;
+any size) are decoded as a viewer shows them (EXIF orientation applied, colour profiles
+converted to sRGB, transparency on white) by the same function as training, then
+centre-cropped and resized to the model's input size S as training and the SavedModel's
+predict_bytes signature do, so every backend sees the same pixels. Class names and S are
+read from the model itself.
+
+Any number of files: they are decoded and classified BATCH at a time, each line printed as
+soon as its batch is answered, so memory does not grow with the file count and an
+interruption keeps every line already printed. One line per argument, in order (a file
+given twice is answered twice); an unreadable file gets its error line and the rest go on.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from tlkeras.errors import ArgumentParser, UserError, run_cli
+from tlkeras.images import FILE_LIMITS, FORMAT_NAMES, IMAGE_EXTENSIONS, ImageError, decode_file, shown
 
 BACKENDS = ("savedmodel", "onnx", "rest", "grpc")
+BATCH = 32  # files decoded and classified at once: bounds memory whatever the file count
 # A model: its input size S and a function from uint8 [n, S, S, 3] to (probabilities, names).
 Runner = tuple[int, Callable[[np.ndarray], tuple[np.ndarray, tuple[str, ...]]]]
 
@@ -32,8 +41,6 @@ def read_images(paths: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str]
 
     Local files may be up to 64 MiB and 100 megapixels (images.FILE_LIMITS); what is sent
     to a server is already cropped and resized to the model's input size."""
-    from tlkeras.images import FILE_LIMITS, ImageError, decode_file
-
     good, bad = {}, {}
     for path in paths:
         try:
@@ -202,6 +209,40 @@ def predict(model: str, images: list[np.ndarray], backend: str | None = None) ->
     return run(fit_batch(images, size))
 
 
+def classify_files(
+    paths: list[str], runner: Runner, batch_size: int = BATCH
+) -> Iterator[tuple[str, np.ndarray | None, tuple[str, ...], str | None]]:
+    """(path, probabilities [C] or None, class names, error or None) for each path, in order,
+    `batch_size` files at a time.
+
+    Each file is decoded (images.decode_file, 64 MiB / 100 megapixels at most) and at once
+    cropped and resized to S, so at most one full-size image and `batch_size` S x S images
+    are held whatever the number of files; a batch's answers are yielded as soon as the
+    model has answered it. A file that cannot be read yields its reason and the rest go on.
+    """
+    import tensorflow as tf
+
+    from tlkeras.images import fit_square
+
+    size, run = runner
+    names: tuple[str, ...] = ()
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        squares, reasons = [], []
+        for path in chunk:
+            try:
+                squares.append(fit_square(tf.constant(decode_file(path, **FILE_LIMITS)), size).numpy())
+                reasons.append(None)
+            except ImageError as e:
+                reasons.append(str(e))
+        rows = iter(())
+        if squares:
+            probabilities, names = run(np.stack(squares))
+            rows = iter(probabilities)
+        for path, reason in zip(chunk, reasons):
+            yield path, (None if reason else next(rows)), names, reason
+
+
 def top_k(probabilities: np.ndarray, names: tuple[str, ...], k: int) -> list[list[tuple[str, float]]]:
     order = np.argsort(-probabilities, axis=1)[:, :k]
     return [[(names[i], float(p[i])) for i in row] for row, p in zip(order, probabilities)]
@@ -209,10 +250,16 @@ def top_k(probabilities: np.ndarray, names: tuple[str, ...], k: int) -> list[lis
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m tlkeras.predict", description=__doc__.split("\n")[0])
-    parser.add_argument("images", nargs="+", help="JPEG, PNG, BMP or GIF files, any size")
+    parser.add_argument(
+        "images",
+        nargs="+",
+        help=f"image files, any size and number ({FORMAT_NAMES}: {' '.join(IMAGE_EXTENSIONS)} or any name)",
+    )
     parser.add_argument("--model", required=True, help="SavedModel folder, .onnx file, REST URL or grpc host:port/name")
     parser.add_argument("--backend", choices=BACKENDS, help="default: guessed from --model")
-    parser.add_argument("--top-k", type=int, default=3, help="classes to show per image (at most all)")
+    parser.add_argument(
+        "--top-k", type=int, default=3, help="classes to show per image (more than the model has: all, with a note)"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors and library logs")
     args = parser.parse_args(argv)
     if args.top_k < 1:
@@ -222,14 +269,24 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries(args.debug)
 
     def run() -> int:
-        good, bad = read_images(args.images)
-        if good:
-            probabilities, names = predict(args.model, list(good.values()), args.backend)
-            for path, best in zip(good, top_k(probabilities, names, args.top_k)):
-                print(f"{path}: " + ", ".join(f"{name} {p:.4f}" for name, p in best))
-        for reason in bad.values():  # one line per unreadable file; the others are answered
-            print(f"error: {reason}", file=sys.stderr)
-        return 1 if bad else 0
+        failed, noted = False, False
+        runner = open_model(args.model, args.backend)
+        for path, probabilities, names, reason in classify_files(args.images, runner, BATCH):
+            if reason is not None:  # one line per unreadable file; the others are answered
+                print(f"error: {reason}", file=sys.stderr, flush=True)
+                failed = True
+                continue
+            if args.top_k > len(names) and not noted:
+                print(
+                    f"note: --top-k {args.top_k} is more than the model's {len(names)} classes; "
+                    f"showing all {len(names)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                noted = True
+            (best,) = top_k(probabilities[np.newaxis], names, args.top_k)
+            print(f"{shown(path)}: " + ", ".join(f"{name} {p:.4f}" for name, p in best), flush=True)
+        return 1 if failed else 0
 
     return run_cli(run, args.debug)
 
