@@ -126,6 +126,16 @@ class ExportConfig:
     enabled: bool = True  # SavedModel + ONNX, parity-checked, at the end of training
     name: str = "tlkeras"  # TF Serving's model name: <base>/<name>/<version>/
     base: str | None = None  # None: <run_dir>/export
+    # LiteRT: <base>/litert/<name>/<version>/model.tflite, float32, builtin ops only, the class
+    # names in its metadata (MediaPipe Tasks shows them), held to the same parity gate.
+    litert: bool = True
+    # int8 for CPUs and edge devices, calibrated on training images; each is published only
+    # when its test accuracy is within int8_max_drop points of the float model's (docs/litert.md).
+    int8_litert: bool = True  # model.int8.tflite: full-integer, uint8 input (with litert on)
+    int8_onnx: bool = True  # onnx/<name>/<version>/model.int8.onnx: QDQ, per-channel
+    int8_max_drop: float = 1.0  # accuracy points; negative demands int8 beat float by that much
+    calibration_images: int = 256  # a seeded sample of the training split
+    int8_test_images: int | None = 10000  # the gate's test images (the first ones); null: all
 
 
 @dataclass
@@ -176,6 +186,8 @@ POSITIVE = (
     "finetune.learning_rate",
     "runtime.steps_per_execution",
     "runtime.peer_timeout_s",
+    "export.calibration_images",
+    "export.int8_test_images",
     "finetune.epsilon",
     "finetune.step_size",
     "finetune.robust_check_images",
@@ -251,10 +263,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"name={cfg.name!r} must be a plain folder name (letters, digits, '_', '-', '.'), e.g. photos-v1"
         )
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.export.name) or cfg.export.name in ("onnx", ".", ".."):
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.export.name) or cfg.export.name in ("onnx", "litert", ".", ".."):
         raise ConfigError(
             f"export.name={cfg.export.name!r} must be a plain folder name (letters, digits, "
-            f"'_', '-', '.') other than 'onnx', e.g. tlkeras"
+            f"'_', '-', '.') other than 'onnx' and 'litert', e.g. tlkeras"
         )
     if cfg.model.resolution < 32:
         raise ConfigError(f"model.resolution={cfg.model.resolution} must be at least 32")

@@ -5,7 +5,11 @@
 Layout (TF Serving polls <base>/<name> and loads the highest integer version):
 
     <base>/<name>/<version>/saved_model.pb, variables/, assets.extra/tf_serving_warmup_requests
-    <base>/onnx/<name>/<version>/model.onnx, labels.txt
+    <base>/onnx/<name>/<version>/model.onnx, labels.txt (and model.int8.onnx)
+    <base>/litert/<name>/<version>/model.tflite, labels.txt (and model.int8.tflite)
+
+LiteRT and int8: tlkeras.litert (docs/litert.md); their settings are export.*, which
+--set changes for this export (e.g. --set export.int8_max_drop=2).
 
 Both are built in hidden temporary siblings, checked against the Keras model (parity
 gate), and only then renamed into place; a failed export publishes nothing.
@@ -223,7 +227,14 @@ def _dir_size(path: Path) -> int:
 
 
 def export_model(
-    model, base: Path, name: str, images: np.ndarray, class_names: tuple[str, ...], temperature: float = 1.0
+    model,
+    base: Path,
+    name: str,
+    images: np.ndarray,
+    class_names: tuple[str, ...],
+    temperature: float = 1.0,
+    options=None,
+    int8=None,
 ) -> dict[str, Any]:
     """Builds, verifies and publishes version N+1 of both formats; returns their record.
 
@@ -232,20 +243,26 @@ def export_model(
     same classes, calibrated probabilities), and the gate compares them with the Keras
     model calibrated the same way. Raises ExportError (nothing published) when an export
     disagrees with the Keras model.
+    `options` (an ExportConfig; None: SavedModel and ONNX only) and `int8` (litert.Int8Data):
+    the LiteRT and int8 exports of tlkeras.litert, in <base>/litert/<name>/<version>/.
     """
+    from tlkeras import litert
+
     if temperature != 1.0:
         from tlkeras.model import fold_temperature
 
         model = fold_temperature(model, temperature)
     base = Path(base)
-    sm_root, onnx_root = base / name, base / "onnx" / name
-    for root in (sm_root, onnx_root):
+    sm_root, onnx_root, litert_root = base / name, base / "onnx" / name, base / "litert" / name
+    for root in (sm_root, onnx_root, litert_root):
         root.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(root)
-    version = max(next_version(sm_root), next_version(onnx_root))
+    version = max(next_version(sm_root), next_version(onnx_root), next_version(litert_root))
     # Hidden, non-numeric names: TF Serving never takes them for a version.
     sm_tmp = sm_root / f".tmp-{version}-{os.getpid()}"
     onnx_tmp = onnx_root / f".tmp-{version}-{os.getpid()}"
+    litert_tmp = litert_root / f".tmp-{version}-{os.getpid()}"
+    with_litert = options is not None and options.litert
     try:
         module = make_serving_module(model, class_names)
         save_savedmodel(module, sm_tmp, name, images[:8])
@@ -255,15 +272,27 @@ def export_model(
             "savedmodel": parity(reference, run_tf1_session(sm_tmp, images), "SavedModel", class_names),
             "onnx": parity(reference, run_onnx(onnx_tmp / "model.onnx", images), "ONNX"),
         }
+        extras = {}
+        if options is not None:
+            tmp = litert_tmp if with_litert else None
+            extras = litert.export_extras(
+                model, options, onnx_tmp, tmp, reference, images, class_names, name, version, int8
+            )
+            if "litert_parity" in extras:
+                checks["litert"] = extras.pop("litert_parity")
         sm_final, onnx_final = sm_root / str(version), onnx_root / str(version)
+        litert_final = litert_root / str(version)
+        if with_litert:
+            os.rename(litert_tmp, litert_final)
         os.rename(onnx_tmp, onnx_final)
         try:
             os.rename(sm_tmp, sm_final)  # last: TF Serving sees the version only when complete
         except OSError:  # e.g. a concurrent export took this version: publish neither
             shutil.rmtree(onnx_final, ignore_errors=True)
+            shutil.rmtree(litert_final, ignore_errors=True)
             raise
     finally:
-        for tmp in (sm_tmp, onnx_tmp):
+        for tmp in (sm_tmp, onnx_tmp, litert_tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return {
         "version": version,
@@ -275,6 +304,7 @@ def export_model(
         "image_size": int(images.shape[1]),
         "temperature": temperature,
         "parity": checks,
+        **litert.record(litert_final if with_litert else None, onnx_final, extras),
     }
 
 
@@ -319,23 +349,56 @@ def run_temperature(run_dir: Path, cfg, summary: dict | None) -> float:
     return 1.0
 
 
+def run_int8_data(cfg):
+    """litert.int8_data of the run's data (never downloaded), None when it is not at hand."""
+    import dataclasses
+
+    from tlkeras.data import make_datasets
+    from tlkeras.litert import int8_data
+
+    if not (cfg.export.int8_onnx or (cfg.export.litert and cfg.export.int8_litert)):
+        return None
+    try:
+        data = dataclasses.replace(cfg.data, download=False, cache=False)
+        return int8_data(make_datasets(data, cfg.seed, cfg.model.resolution), cfg)
+    except UserError:  # export_model says in one line that int8 was skipped
+        return None
+
+
 def export_run(
-    run_dir: Path, base: Path | None = None, name: str | None = None, parity_count: int = 64
+    run_dir: Path,
+    base: Path | None = None,
+    name: str | None = None,
+    parity_count: int = 64,
+    overrides: list[str] = (),
 ) -> dict[str, Any]:
-    """Exports run_dir/model.keras and records the result in summary.json."""
+    """Exports run_dir/model.keras and records the result in summary.json.
+
+    `overrides`: export.* settings over the run's own (e.g. export.int8_max_drop=2)."""
     from tlkeras import rundir
     from tlkeras.config import load_config
 
     rundir.check_run(run_dir, finished=False)  # model.keras is enough (load_run checks it)
-    cfg = load_config(run_dir / "config.yaml")
+    bad = [item for item in overrides if not item.startswith("export.")]
+    if bad:
+        raise UserError(f"--set {bad[0]}: only export.* settings can be changed here (the run is trained)")
+    cfg = load_config(run_dir / "config.yaml", list(overrides))
     base = base or Path(cfg.export.base or run_dir / "export")  # where training exports
     with rundir.locked(base, "export base"):  # one writer: versions are numbered by what is there
-        cfg, info, model = rundir.load_run(run_dir)
+        _, info, model = rundir.load_run(run_dir)
         images = parity_images(cfg, info, parity_count)
         summary = rundir.read_json(run_dir / rundir.SUMMARY)
+        int8 = run_int8_data(cfg)
         with writing(base, "the export", 3 * sum(w.nbytes for w in model.get_weights())):
             record = export_model(
-                model, base, name or cfg.export.name, images, info.class_names, run_temperature(run_dir, cfg, summary)
+                model,
+                base,
+                name or cfg.export.name,
+                images,
+                info.class_names,
+                run_temperature(run_dir, cfg, summary),
+                cfg.export,
+                int8,
             )
     if summary is not None:
         summary.setdefault("exports", []).append(record)
@@ -355,15 +418,32 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="test images of the run's data for the parity gate (e.g. 10000: all of CIFAR-10's)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an export setting over the run's, e.g. export.int8_max_drop=2 or export.litert=false (repeatable)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
     quiet_libraries(args.debug)  # before TensorFlow is imported
 
     def run() -> None:
-        record = export_run(args.run_dir, args.base, args.name, args.parity_images)
+        record = export_run(args.run_dir, args.base, args.name, args.parity_images, args.set)
         checks = record["parity"]
         print(f"SavedModel: {record['savedmodel']}\nONNX: {record['onnx']}")
-        for kind in ("savedmodel", "onnx"):
+        for key, label in (("litert", "LiteRT"), ("litert_int8", "LiteRT int8"), ("onnx_int8", "ONNX int8")):
+            if record.get(key):
+                print(f"{label}: {record[key]}")
+        for kind, g in record.get("int8", {}).items():
+            if isinstance(g, dict):
+                print(
+                    f"int8 {kind}: {record['int8']['split']} accuracy {g['int8_accuracy']:.4f} (float "
+                    f"{g['float_accuracy']:.4f}, drop {g['drop_points']:+.2f} points, top-1 agreement "
+                    f"{g['top1_agreement']:.4f}): {'published' if g['published'] else 'not published'}"
+                )
+        for kind in checks:
             c = checks[kind]
             print(
                 f"parity {kind}: {c['images']} images, max |diff| {c['max_abs_diff']:.1e}, "

@@ -2,6 +2,7 @@
 
     python -m tlkeras.predict cat.jpg dog.png --model runs/<run>/export/tlkeras
     python -m tlkeras.predict cat.jpg --model runs/<run>/export/onnx/tlkeras/1/model.onnx
+    python -m tlkeras.predict cat.jpg --model runs/<run>/export/litert/tlkeras/1/model.tflite
     python -m tlkeras.predict cat.jpg --model http://localhost:8501/v1/models/tlkeras
     python -m tlkeras.predict cat.jpg --model localhost:8500/tlkeras --backend grpc
 
@@ -30,7 +31,7 @@ import numpy as np
 from tlkeras.errors import ArgumentParser, UserError, run_cli
 from tlkeras.images import FILE_LIMITS, FORMAT_NAMES, IMAGE_EXTENSIONS, ImageError, decode_file, shown
 
-BACKENDS = ("savedmodel", "onnx", "rest", "grpc")
+BACKENDS = ("savedmodel", "onnx", "litert", "rest", "grpc")
 BATCH = 32  # files decoded and classified at once: bounds memory whatever the file count
 # A model: its input size S and a function from uint8 [n, S, S, 3] to (probabilities, names).
 Runner = tuple[int, Callable[[np.ndarray], tuple[np.ndarray, tuple[str, ...]]]]
@@ -77,6 +78,10 @@ def detect_backend(model: str) -> str:
         return "rest"
     if model.endswith(".onnx") or (Path(model).is_dir() and onnx_file(model) is not None):
         return "onnx"
+    from tlkeras.litert import litert_file
+
+    if model.endswith(".tflite") or (Path(model).is_dir() and litert_file(model) is not None):
+        return "litert"
     if model.startswith("grpc://") or (":" in model and not Path(model).exists()):
         return "grpc"
     return "savedmodel"
@@ -199,7 +204,15 @@ def open_grpc(model: str) -> Runner:
 
 def open_model(model: str, backend: str | None = None) -> Runner:
     """(S, run) for a SavedModel folder, an .onnx file, a REST URL or grpc host:port/name."""
-    opener = {"savedmodel": open_savedmodel, "onnx": open_onnx, "rest": open_rest, "grpc": open_grpc}
+    from tlkeras.litert import open_litert
+
+    opener = {
+        "savedmodel": open_savedmodel,
+        "onnx": open_onnx,
+        "litert": open_litert,
+        "rest": open_rest,
+        "grpc": open_grpc,
+    }
     return opener[backend or detect_backend(model)](model)
 
 
@@ -255,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         help=f"image files, any size and number ({FORMAT_NAMES}: {' '.join(IMAGE_EXTENSIONS)} or any name)",
     )
-    parser.add_argument("--model", required=True, help="SavedModel folder, .onnx file, REST URL or grpc host:port/name")
+    parser.add_argument(
+        "--model", required=True, help="SavedModel folder, .onnx or .tflite file, REST URL or grpc host:port/name"
+    )
     parser.add_argument("--backend", choices=BACKENDS, help="default: guessed from --model")
     parser.add_argument(
         "--top-k", type=int, default=3, help="classes to show per image (more than the model has: all, with a note)"

@@ -46,6 +46,7 @@ from tlkeras.evaluate import (
     val_temperature,
 )
 from tlkeras.export import export_model
+from tlkeras.litert import int8_data
 from tlkeras.model import build_model, set_finetune_trainable, split_at_features
 from tlkeras.policies import (
     balanced_class_weights,
@@ -689,11 +690,15 @@ def finish_run(
         first_test = test[0][:64]
         base = Path(cfg.export.base) if cfg.export.base else run_dir / "export"
         folded = temperature if cfg.evaluate.fold_temperature else 1.0
+        with read_errors(cfg.data):
+            int8 = int8_data(splits, cfg)  # training images to calibrate on, test images for the gate
         with (
             rundir.locked(base, "export base"),
             writing(base, "the export", 3 * sum(w.nbytes for w in model.get_weights())),
         ):
-            exports.append(export_model(model, base, cfg.export.name, first_test, info.class_names, folded))
+            exports.append(
+                export_model(model, base, cfg.export.name, first_test, info.class_names, folded, cfg.export, int8)
+            )
         log.info(
             "exported version %d: %s and %s (parity max |diff| %.1e / %.1e)",
             exports[0]["version"],
