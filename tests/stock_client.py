@@ -10,10 +10,9 @@ beside TensorFlow); tests/test_litert.py calls it when that venv exists.
 import json
 import sys
 
+import mediapipe as mp
 from mediapipe.tasks.python import vision
 from mediapipe.tasks.python.core.base_options import BaseOptions
-
-import mediapipe as mp
 
 
 def main(model: str, files: list[str]) -> None:

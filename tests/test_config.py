@@ -79,6 +79,7 @@ def test_resolved_config_round_trips(tmp_path):
         ("model.backbone=resnet50", "model.backbone='resnet50' is not one of vgg16, mobilenet_v2"),
         ("export.name=../x", "export.name='../x' must be a plain folder name"),
         ("export.name=onnx", "other than 'onnx'"),
+        ("export.name=litert", "other than 'onnx' and 'litert'"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

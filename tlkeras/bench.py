@@ -13,7 +13,8 @@ Inference: onnxruntime (ours) against the TF SavedModel (baseline) at batch 1 an
 an int8 ONNX model (static QDQ quantization, calibrated on CIFAR-10 training images)
 against the float32 one, with the test-accuracy change when the run's data is at hand.
 onnxruntime's batch-1 FLOP/s is also set against the float32 matmul peak: the headroom
-any float32 runtime has left.
+any float32 runtime has left. LiteRT (the run's .tflite exports, float32 and int8): batch-1
+latency and file size beside ONNX's.
 Adversarial fine-tuning (with --run-dir): FGSM-RS images/s against standard fine-tuning,
 and the seconds of its PGD guard per epoch.
 MobileNetV2 adds the FLOP/s of a depthwise convolution against a pointwise one: what
@@ -42,6 +43,7 @@ import numpy as np
 from tlkeras.console import quiet_libraries
 from tlkeras.errors import ArgumentParser, UserError, run_cli
 from tlkeras.export import onnx_session
+from tlkeras.litert import quantize_onnx
 
 
 def machine() -> str:
@@ -123,41 +125,11 @@ def bench_inference(savedmodel: Path, onnx_path: Path, quick: bool, mcfg) -> lis
     return out
 
 
-def quantize_int8(onnx_path: Path, out: Path, calibration: np.ndarray) -> None:
-    """Static QDQ int8 with per-channel weights, after onnxruntime's quantization
-    pre-processing (graph optimisation: fusions and constant folding, so the ranges are
-    calibrated on the graph that runs). Without it MobileNetV2 lost 5.9 points here
-    (0.891 -> 0.832 on 1,000 CIFAR-10 test images), with it none (0.892)."""
-    from onnxruntime import quantization as q
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    prepared = out.with_name(f"{out.stem}.prepared.onnx")
-    quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)  # symbolic: needs sympy
-
-    class Reader(q.CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(np.array_split(calibration, max(1, len(calibration) // 32)))
-
-        def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {"images": batch}
-
-    q.quantize_static(
-        str(prepared),
-        str(out),
-        Reader(),
-        quant_format=q.QuantFormat.QDQ,
-        activation_type=q.QuantType.QUInt8,
-        weight_type=q.QuantType.QInt8,
-        per_channel=True,
-    )
-
-
 def bench_int8(onnx_path: Path, workdir: Path, quick: bool, data) -> list[dict[str, Any]]:
     """data: (calibration images, test images, test labels or None)."""
     calibration, images, labels = data
     int8_path = workdir / "model.int8.onnx"
-    quantize_int8(onnx_path, int8_path, calibration)
+    quantize_onnx(onnx_path, int8_path, calibration)
     fp32, int8 = onnx_session(onnx_path), onnx_session(int8_path)
     out = []
     for batch in (1, 64):
@@ -197,6 +169,52 @@ def bench_int8(onnx_path: Path, workdir: Path, quick: bool, data) -> list[dict[s
                 calibration_images=int(len(calibration)),
             )
         )
+    return out
+
+
+def bench_litert(record: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
+    """Batch-1 latency and file size of the LiteRT exports (float32 against the float32 ONNX
+    model, int8 against float32 LiteRT), and of int8 ONNX's file against float32 ONNX's."""
+    from tlkeras.litert import runner
+
+    if not record.get("litert"):
+        return []
+    size = record["image_size"]
+    x = np.random.default_rng(0).integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+    repeats = 20 if quick else 100
+    session = onnx_session(record["onnx"])
+    times = {"onnx": median_seconds(lambda: session.run(["probabilities"], {"images": x}), repeats)}
+    for key in ("litert", "litert_int8"):
+        if record.get(key):
+            run = runner(record[key])
+            times[key] = median_seconds(lambda run=run: run(x), repeats)
+    out = [
+        figure(
+            "litert_latency_batch1",
+            "ms",
+            times["litert"] * 1e3,
+            times["onnx"] * 1e3,
+            ours_setup="ai-edge-litert float32 (XNNPACK, all cores)",
+            baseline_setup="onnxruntime float32",
+            repeats=repeats,
+        ),
+        figure("litert_file_size", "MB", record["litert_bytes"] / 1e6, record["onnx_bytes"] / 1e6, baseline="ONNX"),
+    ]
+    if "litert_int8" in times:
+        out.append(
+            figure(
+                "int8_litert_latency_batch1",
+                "ms",
+                times["litert_int8"] * 1e3,
+                times["litert"] * 1e3,
+                ours_setup="ai-edge-litert full-integer int8",
+                baseline_setup="ai-edge-litert float32",
+                repeats=repeats,
+            )
+        )
+    for key, float_bytes in (("litert_int8", record["litert_bytes"]), ("onnx_int8", record["onnx_bytes"])):
+        if record.get(key):
+            out.append(figure(f"{key}_file_size", "MB", Path(record[key]).stat().st_size / 1e6, float_bytes / 1e6))
     return out
 
 
@@ -571,7 +589,7 @@ def bench_pipeline(cfg, quick: bool):
     ]
 
 
-def exported_model(run_dir: Path | None, workdir: Path, mcfg) -> tuple[Path, Path]:
+def exported_model(run_dir: Path | None, workdir: Path, mcfg) -> dict[str, Any]:
     if run_dir is not None:
         from tlkeras import rundir
 
@@ -579,16 +597,19 @@ def exported_model(run_dir: Path | None, workdir: Path, mcfg) -> tuple[Path, Pat
         summary = rundir.read_json(run_dir / rundir.SUMMARY)
         if not summary.get("exports"):
             raise UserError(f"run '{run_dir}' has no export; run python -m tlkeras.export --run-dir {run_dir}")
-        last = summary["exports"][-1]
-        return Path(last["savedmodel"]), Path(last["onnx"])
+        return summary["exports"][-1]
+    from tlkeras.config import ExportConfig
     from tlkeras.export import export_model
+    from tlkeras.litert import Int8Data
     from tlkeras.model import build_model
 
     info = cifar10_info()
     model = build_model(dataclasses.replace(mcfg, weights=None), info)
-    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    record = export_model(model, workdir, "tlkeras", images, info.class_names)
-    return Path(record["savedmodel"]), Path(record["onnx"])
+    images = np.random.default_rng(0).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    # A fresh model has no accuracy to keep: the gate is opened, the int8 LiteRT model is timed.
+    options = ExportConfig(int8_onnx=False, int8_max_drop=100.0)
+    int8 = Int8Data(images[:32], images[32:], np.zeros(8, np.int64))
+    return export_model(model, workdir, "tlkeras", images[:8], info.class_names, options=options, int8=int8)
 
 
 def emit(lines: list[dict[str, Any]]) -> None:
@@ -668,9 +689,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         if "inference" in wanted:
             with tempfile.TemporaryDirectory() as tmp:
-                savedmodel, onnx_path = exported_model(args.run_dir, Path(tmp), mcfg)
+                record = exported_model(args.run_dir, Path(tmp), mcfg)
+                savedmodel, onnx_path = Path(record["savedmodel"]), Path(record["onnx"])
                 emit(bench_inference(savedmodel, onnx_path, args.quick, mcfg))
                 emit(bench_int8(onnx_path, Path(tmp), args.quick, bench_data(args.run_dir, args.quick)))
+                emit(bench_litert(record, args.quick))
             if mcfg.backbone == "mobilenet_v2":
                 emit(bench_depthwise(args.quick))
         if cfg is None:

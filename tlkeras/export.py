@@ -304,7 +304,7 @@ def export_model(
         "image_size": int(images.shape[1]),
         "temperature": temperature,
         "parity": checks,
-        **litert.record(litert_final if with_litert else None, onnx_final, extras),
+        **litert.record(options, litert_final if with_litert else None, onnx_final, extras),
     }
 
 

@@ -483,9 +483,9 @@ def int8_data(splits, cfg) -> Int8Data | None:
     return Int8Data(calibration, images, labels, "test")
 
 
-def record(litert_dir: Path | None, onnx_dir: Path, extras: dict[str, Any]) -> dict[str, Any]:
+def record(options, litert_dir: Path | None, onnx_dir: Path, extras: dict[str, Any]) -> dict[str, Any]:
     """The export record's LiteRT and int8 entries (published files only; None for the others)."""
-    if litert_dir is None and "int8" not in extras:
+    if options is None:
         return {}
 
     def published(path: Path) -> str | None:
