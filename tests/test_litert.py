@@ -27,7 +27,7 @@ def tiny_model(size: int = 32, resolution: int = 48):
     every image gets the same uniform probabilities, which would make every comparison pass."""
     from tlkeras.model import build_model
 
-    cfg = ModelConfig(backbone="vgg16", weights=None, image_size=resolution, head_units=16)
+    cfg = ModelConfig(backbone="vgg16", weights=None, resolution=resolution, head_units=16)
     return build_model(cfg, tiny_info(size, NAMES))
 
 
@@ -193,7 +193,7 @@ def test_export_cli_adds_litert_to_a_finished_run(mock_cifar, tmp_path, capsys):
     names = tuple(json.loads((tmp_path / "summary.json").read_text())["class_names"])
     assert litert.read_metadata(Path(record["litert"]).read_bytes())["class_names"] == names
     assert record["int8"]["images"] == 24 and record["onnx_int8"] is None and "onnx" not in record["int8"]
-    assert export.main(["--run-dir", str(tmp_path), "--set", "model.image_size=64"]) == 1
+    assert export.main(["--run-dir", str(tmp_path), "--set", "model.resolution=64"]) == 1
     assert "only export.* settings" in capsys.readouterr().err
 
 
@@ -212,7 +212,7 @@ def test_stock_client_names_the_classes_of_real_photos(hymenoptera, tmp_path):
         )
     names = ("ants", "bees")
     model = build_model(
-        ModelConfig(backbone="mobilenet_v2", weights=str(MOBILENET_V2_WEIGHTS), image_size=96, head_units=16),
+        ModelConfig(backbone="mobilenet_v2", weights=str(MOBILENET_V2_WEIGHTS), resolution=96, head_units=16),
         tiny_info(96, names),
     )
     files = (
