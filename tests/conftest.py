@@ -86,6 +86,8 @@ def tiny_overrides(**extra: str) -> list[str]:
         "finetune.epochs": "1",
         "finetune.unfreeze": "block5",
         "export.enabled": "false",
+        "export.litert": "false",  # when a test turns export on: the LiteRT and int8 exports
+        "export.int8_onnx": "false",  # have their own tests (test_litert.py) and cost a minute
         "evaluate.enabled": "false",  # the trust report has its own tests (test_evaluate.py)
     }
     base.update(extra)

@@ -184,8 +184,9 @@ def test_export_cli_adds_litert_to_a_finished_run(mock_cifar, tmp_path, capsys):
 
     overrides = {"model.backbone": "mobilenet_v2", "finetune.epochs": "0", "finetune.unfreeze": "all"}
     train_and_evaluate(load_config(None, tiny_overrides(**overrides)), tmp_path)  # export off: no LiteRT yet
+    assert not load_config(tmp_path / "config.yaml").export.litert  # the run's own setting: off
     assert json.loads((tmp_path / "summary.json").read_text())["exports"] == []
-    argv = ["--run-dir", str(tmp_path), "--parity-images", "8", "--set", "export.int8_onnx=false"]
+    argv = ["--run-dir", str(tmp_path), "--parity-images", "8", "--set", "export.litert=true"]
     assert export.main(argv) == 0
     out = capsys.readouterr().out
     (record,) = json.loads((tmp_path / "summary.json").read_text())["exports"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from unittest import mock
 
 import keras
+import numpy as np
 import pytest
 from conftest import free_port, make_image_folder, tiny_info, tiny_overrides
 
@@ -229,6 +230,7 @@ def test_a_folder_of_photos_trains_exports_and_answers_with_its_names(tmp_path, 
         "data.dataset": str(root),
         "data.storage_size": "32",
         "export.enabled": "true",
+        "export.litert": "true",  # one train leaves a .tflite that names the classes
         "data.class_weight": "true",
         "data.val_fraction": "0.2",
         "data.test_fraction": "0.2",
@@ -252,6 +254,8 @@ def test_a_folder_of_photos_trains_exports_and_answers_with_its_names(tmp_path, 
     assert len(fits) == 2 and fits[0] == pytest.approx({0: 18 / 24, 1: 18 / 12, 2: 1.0})
     (record,) = summary["exports"]
     assert "class_names" not in record and dataset["storage_size"] == 32
+    assert record["parity"]["litert"]["identical_classes"] and record["int8"]["images"] == 6
+    assert predict.predict(record["litert"], [np.zeros((40, 40, 3), np.uint8)])[1] == ("ants", "bees", "wasps")
 
     photo = str(root / "bees" / "0.jpg")
     capsys.readouterr()  # training's progress lines
