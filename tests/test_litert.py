@@ -191,7 +191,7 @@ def test_export_cli_adds_litert_to_a_finished_run(mock_cifar, tmp_path, capsys):
     out = capsys.readouterr().out
     (record,) = json.loads((tmp_path / "summary.json").read_text())["exports"]
     assert f"LiteRT: {record['litert']}" in out and "int8 litert: test accuracy" in out
-    names = tuple(json.loads((tmp_path / "summary.json").read_text())["class_names"])
+    names = tuple(json.loads((tmp_path / "dataset.json").read_text())["class_names"])
     assert litert.read_metadata(Path(record["litert"]).read_bytes())["class_names"] == names
     assert record["int8"]["images"] == 24 and record["onnx_int8"] is None and "onnx" not in record["int8"]
     assert export.main(["--run-dir", str(tmp_path), "--set", "model.resolution=64"]) == 1
