@@ -42,6 +42,13 @@ def test_generated_table_lists_every_config_key_with_its_default():
         assert value == flat[s.key], f"{s.key}: the table says {s.default!r}, the code {flat[s.key]!r}"
 
 
+def test_every_setting_has_a_description():
+    """A new setting is a dataclass field with a comment: the comment is its documentation."""
+    _, settings = _hook().read_settings()
+    bare = [s.key for s in settings if not s.description]
+    assert not bare, f"write a comment beside or above these fields in tlkeras/config.py: {bare}"
+
+
 def test_configuration_page_keeps_the_marker():
     assert _hook().MARKER in (ROOT / "docs" / "configuration.md").read_text()
 
