@@ -51,7 +51,7 @@ class DataConfig:
     # square size (32 for CIFAR-10), else model.resolution.
     storage_size: int | None = None
     batch_size: int = 256  # global: split evenly across replicas
-    shuffle_buffer: int = 10_000
+    shuffle_buffer: int = 10_000  # training examples shuffled at a time (per epoch, seeded)
     augment: bool = True  # random flip + random translation (S/8), train split only
     cache: bool = True  # keep the decoded uint8 images in memory after the first pass (CIFAR-10: 180 MB)
     class_weight: bool = False  # weight each class by n / (classes * count): for imbalanced data
@@ -66,16 +66,16 @@ class ModelConfig:
     # (.h5 or Keras 3 .weights.h5; tlkeras.bases.BASES names the Keras file of each)
     weights: str | None = "imagenet"
     resolution: int = 224  # the model's input resolution: the data's S x S images are resized to this inside the model
-    head_units: int = 256
-    dropout: float = 0.5
+    head_units: int = 256  # the head's dense layer, between the pooled features and the softmax
+    dropout: float = 0.5  # before the softmax layer
 
 
 @dataclass
 class HeadConfig:
     """Phase 1: the base is frozen, only the new head trains on its features, computed once."""
 
-    epochs: int = 5
-    learning_rate: float = 1e-3
+    epochs: int = 5  # on the cached features: seconds each on a CPU
+    learning_rate: float = 1e-3  # Adam, constant
     # With data.augment, also compute the features of the mirrored training images (twice
     # the extraction time): the one augmentation that survives caching.
     mirrored_features: bool = True
@@ -85,7 +85,7 @@ class HeadConfig:
 class FinetuneConfig:
     """Phase 2: unfreeze and fine-tune at a low rate (0 epochs skips the phase)."""
 
-    epochs: int = 10
+    epochs: int = 10  # 0 skips the phase; the epoch count continues from phase 1's
     learning_rate: float = 1e-5  # peak, reached after warm-up, then cosine decay to 0
     warmup_epochs: float = 1.0  # protects the freshly trained head from large early updates
     unfreeze: str = "all"  # "all", a block ("block4") or a layer ("block5_conv1") and above
@@ -105,15 +105,15 @@ class RuntimeConfig:
     # auto: mixed_float16 on a GPU, mixed_bfloat16 on a CPU with AMX/AVX512-BF16,
     # float32 otherwise; or a Keras policy name.
     mixed_precision: str = "auto"
-    jit_compile: bool = False
-    steps_per_execution: int = 1
+    jit_compile: bool = False  # XLA compilation of the training step
+    steps_per_execution: int = 1  # steps per call into the graph: fewer Python round trips for small models
     # Minutes between resume backups inside an epoch (taken at a step boundary; there is
     # one at every epoch end too), so a kill loses about this much work plus a step. One
     # backup of VGG16 with its Adam state (176 MB) takes about 0.4 s on 2 CPU cores:
     # under 1% of a minute. 0: epoch ends only.
     backup_minutes: float = 1.0
     # True: two runs with the same seed give identical metrics.csv and weights (TF op
-    # determinism; slower, see README "Reliability"). False: the data order is still the
+    # determinism; slower, see docs/reliability.md). False: the data order is still the
     # seed's, but parallel float sums may round differently from run to run.
     deterministic: bool = False
     # Multi-worker: seconds a worker waits for its peers to answer before it stops with
@@ -159,7 +159,7 @@ class EvaluateConfig:
 @dataclass
 class Config:
     name: str | None = None  # names the default run folder; null: <backbone>-<dataset>, e.g. vgg16-cifar10
-    seed: int = 0
+    seed: int = 0  # fixes the carves, the initial head and every epoch's data order and augmentation
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
