@@ -198,6 +198,28 @@ def test_export_cli_adds_litert_to_a_finished_run(mock_cifar, tmp_path, capsys):
     assert "only export.* settings" in capsys.readouterr().err
 
 
+def _mediapipe_venv() -> None:
+    """The stock client's own venv (mediapipe's pins clash with TensorFlow's), made on first
+    use from the package registry (about a minute, 650 MB); skips with pip's reason when
+    it cannot be made (no network)."""
+    if MEDIAPIPE_PYTHON.is_file():
+        return
+    venv = MEDIAPIPE_PYTHON.parent.parent
+    try:
+        subprocess.run(["python3", "-m", "venv", str(venv)], check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [str(MEDIAPIPE_PYTHON), "-m", "pip", "install", "-q", "mediapipe==1.2.3"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        reason = (getattr(e, "stderr", None) or str(e)).strip().splitlines()[-1:]
+        MEDIAPIPE_PYTHON.unlink(missing_ok=True)  # a half-made venv is not a client
+        pytest.skip(f"could not make the MediaPipe venv at {venv} ({' '.join(reason)}); see docs/litert.md")
+
+
 @pytest.mark.real
 def test_stock_client_names_the_classes_of_real_photos(hymenoptera, tmp_path):
     """MediaPipe Tasks ImageClassifier, no tlkeras code, on real photos: names and Keras's top-1."""
@@ -207,10 +229,7 @@ def test_stock_client_names_the_classes_of_real_photos(hymenoptera, tmp_path):
     from tlkeras.model import build_model
 
     _require([MOBILENET_V2_WEIGHTS])
-    if not MEDIAPIPE_PYTHON.is_file():
-        pytest.skip(
-            f"no MediaPipe venv at {MEDIAPIPE_PYTHON} (docs/litert.md: how to make one; set TLKERAS_MEDIAPIPE_PYTHON)"
-        )
+    _mediapipe_venv()
     names = ("ants", "bees")
     model = build_model(
         ModelConfig(backbone="mobilenet_v2", weights=str(MOBILENET_V2_WEIGHTS), resolution=96, head_units=16),
