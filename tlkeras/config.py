@@ -55,6 +55,13 @@ class DataConfig:
     augment: bool = True  # random flip + random translation (S/8), train split only
     cache: bool = True  # keep the decoded uint8 images in memory after the first pass (CIFAR-10: 180 MB)
     class_weight: bool = False  # weight each class by n / (classes * count): for imbalanced data
+    # A file naming images to leave out of the run (the folder is never touched): the `path`
+    # column of a CSV (tlkeras.doctor's flagged.csv) or one path per line; tfds examples as
+    # "<split>[index]". The splits are drawn first, then the files removed; dataset.json lists them.
+    exclude: str | None = None
+    # At the start of training, one line on exact duplicates and leaks between splits (file
+    # hashes of a folder: seconds); `python -m tlkeras.doctor` gives the full report.
+    doctor: bool = True
 
 
 @dataclass
@@ -157,6 +164,20 @@ class EvaluateConfig:
 
 
 @dataclass
+class DoctorConfig:
+    """`python -m tlkeras.doctor`: label errors, duplicates, leaks and outliers from the frozen features."""
+
+    folds: int = 5  # k of the seeded k-fold linear probe whose out-of-fold probabilities cleanlab reads
+    # Two images are near-duplicates at this cosine similarity of their (centred) features or above.
+    near_duplicate_similarity: float = 0.95
+    # An image is an outlier when cleanlab's out-of-distribution score (kNN distance in
+    # feature space, in [0, 1]: lower is more unusual) falls this far below the median, in
+    # robust standard deviations (1.4826 x median absolute deviation).
+    outlier_deviations: float = 5.0
+    gallery_images: int = 40  # per issue kind, the highest-scoring first
+
+
+@dataclass
 class Config:
     name: str | None = None  # names the default run folder; null: <backbone>-<dataset>, e.g. vgg16-cifar10
     seed: int = 0  # fixes the carves, the initial head and every epoch's data order and augmentation
@@ -167,6 +188,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
 
 
 RENAMED = {"data.image_size": "data.storage_size", "model.image_size": "model.resolution"}
@@ -197,6 +219,8 @@ POSITIVE = (
     "evaluate.quick_test_images",
     "evaluate.quick_corruption_images",
     "evaluate.quick_adversarial_images",
+    "doctor.outlier_deviations",
+    "doctor.gallery_images",
 )
 NON_NEGATIVE = ("finetune.epochs", "finetune.warmup_epochs", "runtime.backup_minutes")
 
@@ -270,6 +294,10 @@ def validate(cfg: Config) -> None:
         )
     if cfg.model.resolution < 32:
         raise ConfigError(f"model.resolution={cfg.model.resolution} must be at least 32")
+    if cfg.doctor.folds < 2:
+        raise ConfigError(f"doctor.folds={cfg.doctor.folds} must be at least 2")
+    if not 0 < cfg.doctor.near_duplicate_similarity <= 1:
+        raise ConfigError(f"doctor.near_duplicate_similarity={cfg.doctor.near_duplicate_similarity} must be in (0, 1]")
 
 
 def is_folder(dataset: str) -> bool:
@@ -297,6 +325,11 @@ def preflight(cfg: Config, run_dir: Path) -> None:
         raise UserError(
             f"data.dataset='{cfg.data.dataset}': no such folder ({folder.resolve()}); give a "
             f"folder of class subfolders (<root>/<class>/<image>) or a tfds dataset name"
+        )
+    if cfg.data.exclude and not Path(cfg.data.exclude).expanduser().is_file():
+        raise UserError(
+            f"data.exclude='{cfg.data.exclude}': no such file; give a file listing the images to leave "
+            f"out (one path per line, or a CSV with a 'path' column such as tlkeras.doctor's flagged.csv)"
         )
     if cfg.data.data_dir and not cfg.data.download and not Path(cfg.data.data_dir).expanduser().is_dir():
         raise UserError(

@@ -13,6 +13,7 @@ model, so exports take raw pixels.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import errno
 import hashlib
@@ -105,6 +106,9 @@ class DatasetInfo:
     num_test: int = 0
     train_class_counts: tuple[int, ...] = ()  # in class_names order
     splits: dict = dataclasses.field(default_factory=dict)  # role -> what it was read from
+    # The images data.exclude left out (as the data names them: a folder's paths, or
+    # "<split>[index]" for tfds), so the run folder says what it was trained without.
+    excluded: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -115,6 +119,7 @@ class DatasetInfo:
             **dataclasses.asdict(self),
             "class_names": list(self.class_names),
             "train_class_counts": list(self.train_class_counts),
+            "excluded": list(self.excluded),
         }
 
     @classmethod
@@ -127,6 +132,7 @@ class DatasetInfo:
                 **d,
                 "class_names": tuple(d["class_names"]),
                 "train_class_counts": tuple(d.get("train_class_counts", ())),
+                "excluded": tuple(d.get("excluded", ())),
             }
         )
 
@@ -139,6 +145,9 @@ class Splits:
     test: tf.data.Dataset
     info: DatasetInfo
     epochs: EpochsFn  # epochs(first, end, skip): any epochs' batches, as `seeded_epochs`
+    # role -> the name of each example, in the order train_plain, val and test yield them:
+    # a folder's file paths, or "<split>[index]" for tfds (empty when tfds knows no sizes).
+    files: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def num_train(self) -> int:
@@ -248,8 +257,8 @@ def _tfds_source(cfg: DataConfig, model_size: int):
             image = composite_in_graph(image)
         return fit_square(image, size), example[label_key]
 
+    ranges = {}
     if builder.info.splits:  # sizes known: say whether the roles share examples
-        ranges = {}
         for role, spec in specs.items():
             try:
                 parts = tfds.core.ReadInstruction.from_spec(spec).to_absolute(builder.info.splits)
@@ -267,11 +276,31 @@ def _tfds_source(cfg: DataConfig, model_size: int):
 
         warn_overlap(list(ranges), shared, specs)
 
-    datasets = {}
+    # Each example's name, "<split>[index]", when tfds knows the split sizes.
+    files = {role: [f"{n}[{i}]" for n, s, e in parts for i in range(s, e)] for role, parts in ranges.items()}
+    entries = set(exclude_list(cfg))
+    if entries and len(files) < len(specs):
+        raise UserError(
+            f"data.exclude: tfds does not know the split sizes of {cfg.dataset!r}, so no example can be named"
+        )
+    datasets, excluded = {}, []
     for role, spec in specs.items():
         ds = load_split(cfg, spec, f"{role}_split").map(to_pairs, num_parallel_calls=tf.data.AUTOTUNE)
+        if entries:  # data.exclude: "<split>[index]" entries (tlkeras.doctor's names)
+            keep = [name not in entries for name in files[role]]
+            excluded += [name for name, k in zip(files[role], keep) if not k]
+            files[role] = [name for name, k in zip(files[role], keep) if k]
+            ds = _keep(ds, keep)
         datasets[role] = ds
-    return datasets, class_names, size, specs, None
+    if entries:
+        log.info("data: left out %d examples listed in data.exclude", len(excluded))
+    return datasets, class_names, size, specs, None, files, tuple(excluded)
+
+
+def _keep(ds: tf.data.Dataset, keep: list[bool]) -> tf.data.Dataset:
+    """The examples of `ds` whose position is True in `keep`."""
+    mask = tf.constant(keep)
+    return ds.enumerate().filter(lambda i, _: mask[i]).map(lambda _, example: example)
 
 
 def auto_tfds_splits(available: list[str], explicit: dict, val_fraction: float, test_fraction: float) -> dict[str, str]:
@@ -655,6 +684,7 @@ def _folder_source(cfg: DataConfig, model_size: int, seed: int):
         else:
             lists[role] = carved[role]
             source[role] = f"{where}, stratified {fractions[role == 'test']:.0%} (seed {seed})"
+    lists, excluded = _leave_out(lists, exclude_list(cfg), root)
     members = {role: {os.path.realpath(p) for p, _ in pairs} for role, pairs in lists.items()}
     warn_overlap(list(members), lambda a, b: len(members[a] & members[b]), source)
     size = storage_size(cfg.storage_size, None, model_size)
@@ -679,7 +709,55 @@ def _folder_source(cfg: DataConfig, model_size: int, seed: int):
         labels = tf.constant([y for _, y in pairs], tf.int64)
         ds = tf.data.Dataset.from_tensor_slices((paths, labels))
         datasets[role] = ds.map(lambda p, y: (read(p), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return datasets, class_names, size, source, [y for _, y in lists["train"]]
+    files = {role: [str(p) for p, _ in pairs] for role, pairs in lists.items()}
+    return datasets, class_names, size, source, [y for _, y in lists["train"]], files, excluded
+
+
+def exclude_list(cfg: DataConfig) -> list[str]:
+    """The entries of the data.exclude file: the `path` column of a CSV with a header naming
+    one (tlkeras.doctor's flagged.csv), else one path per line ('#' starts a comment)."""
+    if not cfg.exclude:
+        return []
+    path = Path(cfg.exclude).expanduser()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(
+            f"data.exclude='{cfg.exclude}' cannot be read ({getattr(e, 'strerror', None) or e}); give a "
+            f"text file listing one image path per line, or a flagged.csv written by tlkeras.doctor"
+        ) from None
+    lines = text.splitlines()
+    header = next(csv.reader(lines[:1]), [])
+    if "path" in header:
+        column = header.index("path")
+        return [row[column] for row in csv.reader(lines[1:]) if len(row) > column and row[column].strip()]
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _leave_out(lists: dict[str, list], entries: list[str], root: Path) -> tuple[dict[str, list], tuple[str, ...]]:
+    """`lists` ({role: [(path, label)]}) without the files `entries` name, and the left-out
+    paths. Applied after the splits are drawn, so every other image keeps its split and runs
+    with and without an exclusion are tested on the same images, less the excluded ones. An
+    entry matches as given, relative to the current folder or relative to the data folder."""
+    if not entries:
+        return lists, ()
+    candidates = {
+        entry: {os.path.realpath(Path(entry).expanduser()), os.path.realpath(root / entry)} for entry in entries
+    }
+    wanted = set().union(*candidates.values())
+    kept, excluded, present = {}, [], set()
+    for role, pairs in lists.items():
+        real = [os.path.realpath(p) for p, _ in pairs]
+        kept[role] = [pair for pair, r in zip(pairs, real) if r not in wanted]
+        excluded += [str(p) for (p, _), r in zip(pairs, real) if r in wanted]
+        present.update(real)
+    unmatched = sum(1 for c in candidates.values() if not c & present)
+    log.info(
+        "data: left out %d images listed in data.exclude%s",
+        len(excluded),
+        f" ({unmatched} entries match no image of the data)" if unmatched > 0 else "",
+    )
+    return kept, tuple(excluded)
 
 
 # ---------------------------------------------------------------------------- both
@@ -789,7 +867,7 @@ def make_datasets(cfg: DataConfig, seed: int = 0, model_size: int = 224) -> Spli
     Raises UserError / ConfigError for a missing dataset or folder, bad split strings,
     a folder with fewer than 2 classes or unreadable classes, and empty splits.
     """
-    kind, datasets, class_names, size, source, train_labels = _sources(cfg, seed, model_size)
+    kind, datasets, class_names, size, source, train_labels, files, excluded = _sources(cfg, seed, model_size)
     train, val, test = datasets["train"], datasets["val"], datasets["test"]
     auto = tf.data.AUTOTUNE
     if cfg.cache:
@@ -809,11 +887,12 @@ def make_datasets(cfg: DataConfig, seed: int = 0, model_size: int = 224) -> Spli
         num_test=counts[2],
         train_class_counts=tuple(int(n) for n in per_class),
         splits=dict(source),
+        excluded=excluded,
     )
     transform = (lambda x, y, s: (augment(x, s), y)) if cfg.augment else None
     epochs = seeded_epochs(train, cfg.batch_size, seed, min(cfg.shuffle_buffer, counts[0]), transform)
     batched = [d.batch(cfg.batch_size).prefetch(auto) for d in (train, val, test)]
-    return Splits(epochs(0, 1), *batched, info, epochs)
+    return Splits(epochs(0, 1), *batched, info, epochs, files)
 
 
 def feature_dataset(features: np.ndarray, labels: np.ndarray, batch_size: int) -> tf.data.Dataset:

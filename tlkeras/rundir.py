@@ -44,11 +44,13 @@ MODEL = "model.keras"  # the shipped weights, float32
 REPORT = "report.json"  # the trust report (tlkeras.evaluate)
 
 
-def default_run_dir(cfg: Config) -> Path:
-    """runs/<time>-<name>; without a name, <backbone>-<dataset> (a folder by its own name)."""
+def default_run_dir(cfg: Config, kind: str = "") -> Path:
+    """runs/<time>-<name>; without a name, <backbone>-<dataset> (a folder by its own name);
+    a `kind` other than training goes before the name (runs/<time>-doctor-<name>)."""
     data = cfg.data.dataset
     dataset = Path(data).expanduser().resolve().name if is_folder(data) else data
-    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name or f'{cfg.model.backbone}-{dataset}'}"
+    name = cfg.name or f"{cfg.model.backbone}-{dataset}"
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{f'{kind}-' if kind else ''}{name}"
 
 
 def prepare(run_dir: Path, cfg: Config, argv: list[str]) -> bool:

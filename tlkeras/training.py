@@ -35,6 +35,7 @@ from tensorflow.python.framework import config as tf_config  # op determinism: n
 from tlkeras import rundir
 from tlkeras.config import Config
 from tlkeras.data import DatasetInfo, Splits, feature_dataset, feature_epochs, make_datasets, read_errors
+from tlkeras.doctor import quick_check
 from tlkeras.errors import UserError, writing
 from tlkeras.evaluate import (
     dataset_logits,
@@ -608,6 +609,8 @@ def _train(
     )
     if chief:
         rundir.record_dataset(run_dir, info)
+    if cfg.data.doctor:  # exact duplicates and leaks between splits, by file hash: seconds
+        quick_check(splits)
 
     records: dict[str, Any] = {}
     weights: Path | None = None
