@@ -172,3 +172,24 @@ def test_doctor_on_tfds(tmp_path, mock_cifar):
     report = doctor.examine(load_config(None, ["data.dataset=cifar10", *TINY]), run)
     assert report["images"] == 24 * 3  # mocked: each split string reads 24 random examples
     assert report["dataset"]["source"] == "tfds" and (run / "flagged.csv").exists()
+
+
+def test_training_warns_of_leaks_and_records_what_it_left_out(tmp_path):
+    from conftest import tiny_overrides
+
+    from tlkeras.training import train_and_evaluate
+
+    data = folder_with_problems(tmp_path / "photos")
+    excluded = tmp_path / "exclude.txt"
+    excluded.write_text(f"{data}/train/b/blank.png\n")
+    overrides = {"data.dataset": str(data), "data.image_size": "32", "data.exclude": str(excluded)}
+    run = tmp_path / "run"
+    train_and_evaluate(load_config(None, tiny_overrides(**overrides, **{"finetune.epochs": "0"})), run)
+    assert json.loads((run / "dataset.json").read_text())["excluded"] == [f"{data}/train/b/blank.png"]
+    log = (run / "train.log").read_text()
+    assert "WARNING doctor: 2 groups of identical files among 34 images, 1 spanning two splits" in log
+
+    quiet = tmp_path / "quiet"
+    overrides["data.doctor"] = "false"
+    train_and_evaluate(load_config(None, tiny_overrides(**overrides, **{"finetune.epochs": "0"})), quiet)
+    assert "doctor:" not in (quiet / "train.log").read_text()

@@ -45,7 +45,7 @@ log = logging.getLogger("tlkeras")
 
 ISSUES = ("label", "duplicate", "leak", "outlier")
 COLUMNS = ("path", "issue", "given", "suggested", "score")
-REPORT, FLAGGED = "doctor.json", "flagged.csv"
+REPORT, FLAGGED, FEATURES = "doctor.json", "flagged.csv", "features.npz"
 ROLES = ("train", "val", "test")
 # Near-constant: this share of the pixels in one colour bin (16 levels per channel), e.g.
 # the "image not found" placeholder (94% near-white) or a blank frame.
@@ -306,6 +306,10 @@ def examine(cfg, run_dir: Path, argv: list[str] = ()) -> dict[str, Any]:
                 shares, thumbs, pixel_hashes = _image_pass(parts, info.source != "folder")
             extract_s = time.perf_counter() - extract_start
             log.info("doctor: features of %d images in %.0f s", len(labels), extract_s)
+            tmp = run_dir / f".{FEATURES}.tmp"  # for a look of your own: np.load(<run>/features.npz)
+            with tmp.open("wb") as f:
+                np.savez(f, features=features, labels=labels, names=np.array(names), splits=np.array(roles))
+            os.replace(tmp, run_dir / FEATURES)
             report = _report(cfg, info, names, roles, features, labels, shares, thumbs, pixel_hashes, run_dir)
             report["timing_s"] = {"features": round(extract_s, 1), "total": round(time.perf_counter() - start, 1)}
             report["command"] = [sys.executable, "-m", "tlkeras.doctor", *argv]
@@ -403,11 +407,25 @@ def _report(cfg, info, names, roles, features, labels, shares, thumbs, pixel_has
 
     index = {name: i for i, name in enumerate(names)}
     _write_csv(run_dir / FLAGGED, rows)
+    split_of = dict(zip(names, roles))
     galleries = {}
     for issue in ISSUES:
         chosen = [r for r in rows if r["issue"] == issue]
         if issue in ("label", "outlier"):
             chosen.sort(key=lambda r: -r["score"])
+        else:  # whole groups, the kept image too, so each copy is seen beside its original
+            flagged = {r["path"] for r in chosen}
+            chosen = [
+                {
+                    "path": p,
+                    "given": f"{class_names[labels[index[p]]]} ({split_of[p]})",
+                    "suggested": "",
+                    "score": e["similarity"],
+                }
+                for e in duplicate_entries
+                if flagged & set(e["paths"])
+                for p in e["paths"]
+            ]
         chosen = chosen[: settings.gallery_images]
         if chosen:
             path = run_dir / f"gallery_{issue}.png"
