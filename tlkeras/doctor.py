@@ -51,6 +51,8 @@ ROLES = ("train", "val", "test")
 # the "image not found" placeholder (94% near-white) or a blank frame.
 CONSTANT_SHARE = 0.9
 THUMBNAIL = 96  # gallery cells, pixels
+PROBE_C = 1e-3  # the linear probe's inverse L2 strength on standardised features (see docs/doctor.md)
+WEAK_PROBE = 0.85  # below this out-of-fold accuracy the label list is mostly hard images
 
 
 # ---------------------------------------------------------------------------- checks
@@ -146,7 +148,7 @@ def label_issues(features: np.ndarray, labels: np.ndarray, folds: int, seed: int
             "probe_accuracy": None,
             "folds": k,
         }
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=1000))
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_C, max_iter=1000))
     splitter = StratifiedKFold(k, shuffle=True, random_state=seed)
     dense_probs = cross_val_predict(probe, features, dense, cv=splitter, method="predict_proba")
     indices = find_label_issues(dense, dense_probs, return_indices_ranked_by="self_confidence")
@@ -227,10 +229,15 @@ def quick_check(splits) -> str | None:
     names, roles = _names(splits)
     groups = exact_groups(file_hashes(names))
     leaks = sum(len({roles[i] for i in g}) > 1 for g in groups)
+    found = (
+        f"{len(groups)} groups of identical files among {len(names)} images, {leaks} spanning two splits"
+        + (" (val/test images the model trains on: exclude the copies)" if leaks else "")
+        if groups
+        else f"no identical files among {len(names)} images"
+    )
     line = (
-        f"doctor: {len(groups)} groups of identical files among {len(names)} images, {leaks} spanning "
-        f"two splits (test images the model trains on) ({time.perf_counter() - start:.1f} s); "
-        f"python -m tlkeras.doctor finds label errors, near-duplicates and outliers (data.doctor=false: no check)"
+        f"doctor: {found} ({time.perf_counter() - start:.1f} s); python -m tlkeras.doctor also finds "
+        f"label errors, near-duplicates and outliers (data.doctor=false: no check)"
     )
     (log.warning if leaks else log.info)(line)
     return line
@@ -345,6 +352,13 @@ def _report(cfg, info, names, roles, features, labels, shares, thumbs, pixel_has
     t = time.perf_counter()
     found = label_issues(features, labels, settings.folds, cfg.seed)
     label_s = time.perf_counter() - t
+    if found["probe_accuracy"] is not None and found["probe_accuracy"] < WEAK_PROBE:
+        log.warning(
+            "doctor: the frozen features tell these classes apart poorly (probe accuracy %.2f): many of the %d "
+            "'label' rows are hard images rather than wrong labels; review them before excluding them",
+            found["probe_accuracy"],
+            len(found["indices"]),
+        )
     rows = [
         {
             "path": names[i],
