@@ -19,8 +19,8 @@ from tlkeras.data import make_datasets
 
 TINY = [
     "model.weights=null",
-    "model.image_size=32",
-    "data.image_size=32",
+    "model.resolution=32",
+    "data.storage_size=32",
     "data.batch_size=8",
     "doctor.folds=3",
     "doctor.near_duplicate_similarity=1.0",  # random weights: only identical features count
@@ -122,8 +122,8 @@ def test_exclude_leaves_files_out_and_records_them(tmp_path, caplog):
         f"{data}/train/b/blank.png,label,b,a,0.9\n"  # a file listed twice is left out once
         "train/b/copy_of_a0.png,duplicate,b,a,1.0\n"  # relative to the data folder
     )
-    cfg = load_config(None, [f"data.dataset={data}", "data.image_size=32", f"data.exclude={flagged}"])
-    full = make_datasets(load_config(None, [f"data.dataset={data}", "data.image_size=32"]).data)
+    cfg = load_config(None, [f"data.dataset={data}", "data.storage_size=32", f"data.exclude={flagged}"])
+    full = make_datasets(load_config(None, [f"data.dataset={data}", "data.storage_size=32"]).data)
     with caplog.at_level(logging.INFO, logger="tlkeras"):
         splits = make_datasets(cfg.data)
     info = splits.info
@@ -144,7 +144,7 @@ def test_exclude_leaves_files_out_and_records_them(tmp_path, caplog):
     plain.write_text(f"# one path per line\n{data}/train/a/3.png\n{data}/nowhere.png\n")
     with caplog.at_level(logging.INFO, logger="tlkeras"):
         one = make_datasets(
-            load_config(None, [f"data.dataset={data}", "data.image_size=32", f"data.exclude={plain}"]).data
+            load_config(None, [f"data.dataset={data}", "data.storage_size=32", f"data.exclude={plain}"]).data
         )
     assert one.info.num_train + one.info.num_val == 25
     assert "1 entries match no image" in caplog.text
@@ -161,7 +161,7 @@ def test_exclude_file_missing_is_one_line(tmp_path):
 
 def test_quick_check_logs_one_line_on_leaks(tmp_path, caplog):
     data = folder_with_problems(tmp_path / "photos")
-    splits = make_datasets(load_config(None, [f"data.dataset={data}", "data.image_size=32"]).data)
+    splits = make_datasets(load_config(None, [f"data.dataset={data}", "data.storage_size=32"]).data)
     with caplog.at_level(logging.INFO, logger="tlkeras"):
         line = doctor.quick_check(splits)
     assert "2 groups of identical files among 35 images, 1 spanning two splits" in line
@@ -183,7 +183,7 @@ def test_training_warns_of_leaks_and_records_what_it_left_out(tmp_path):
     data = folder_with_problems(tmp_path / "photos")
     excluded = tmp_path / "exclude.txt"
     excluded.write_text(f"{data}/train/b/blank.png\n")
-    overrides = {"data.dataset": str(data), "data.image_size": "32", "data.exclude": str(excluded)}
+    overrides = {"data.dataset": str(data), "data.storage_size": "32", "data.exclude": str(excluded)}
     run = tmp_path / "run"
     train_and_evaluate(load_config(None, tiny_overrides(**overrides, **{"finetune.epochs": "0"})), run)
     assert json.loads((run / "dataset.json").read_text())["excluded"] == [f"{data}/train/b/blank.png"]

@@ -29,7 +29,6 @@ import dataclasses
 import hashlib
 import io
 import logging
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -283,6 +282,7 @@ def examine(cfg, run_dir: Path, argv: list[str] = ()) -> dict[str, Any]:
     from tlkeras import rundir
     from tlkeras.config import dump_yaml
     from tlkeras.data import make_datasets, read_errors
+    from tlkeras.files import atomic, write_atomic, write_json
     from tlkeras.model import build_model, split_at_features
     from tlkeras.training import compute_features
 
@@ -295,10 +295,10 @@ def examine(cfg, run_dir: Path, argv: list[str] = ()) -> dict[str, Any]:
     log.addHandler(handler)
     try:
         with rundir.locked(run_dir):
-            rundir.write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
+            write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
             keras.utils.set_random_seed(cfg.seed)
             data_cfg = dataclasses.replace(cfg.data, augment=False, cache=False)  # each image is read once
-            splits = make_datasets(data_cfg, cfg.seed, cfg.model.image_size)
+            splits = make_datasets(data_cfg, cfg.seed, cfg.model.resolution)
             info = splits.info
             names, roles = _names(splits)
             log.info("doctor: %d images (%s), %d classes", len(names), info.name, info.num_classes)
@@ -313,14 +313,13 @@ def examine(cfg, run_dir: Path, argv: list[str] = ()) -> dict[str, Any]:
                 shares, thumbs, pixel_hashes = _image_pass(parts, info.source != "folder")
             extract_s = time.perf_counter() - extract_start
             log.info("doctor: features of %d images in %.0f s", len(labels), extract_s)
-            tmp = run_dir / f".{FEATURES}.tmp"  # for a look of your own: np.load(<run>/features.npz)
-            with tmp.open("wb") as f:
+            with atomic(run_dir / FEATURES, "the features", features.nbytes) as tmp, tmp.open("wb") as f:
+                # for a look of your own: np.load("<run>/features.npz")
                 np.savez(f, features=features, labels=labels, names=np.array(names), splits=np.array(roles))
-            os.replace(tmp, run_dir / FEATURES)
             report = _report(cfg, info, names, roles, features, labels, shares, thumbs, pixel_hashes, run_dir)
             report["timing_s"] = {"features": round(extract_s, 1), "total": round(time.perf_counter() - start, 1)}
             report["command"] = [sys.executable, "-m", "tlkeras.doctor", *argv]
-            rundir.write_json(run_dir / REPORT, report)
+            write_json(run_dir / REPORT, report)
             return report
     finally:
         log.removeHandler(handler)
@@ -504,18 +503,20 @@ def _report(cfg, info, names, roles, features, labels, shares, thumbs, pixel_has
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    from tlkeras import rundir
+    from tlkeras.files import write_atomic
 
     text = io.StringIO()
     writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    rundir.write_atomic(path, text.getvalue())
+    write_atomic(path, text.getvalue())
 
 
 def save_gallery(images: list[np.ndarray], rows: list[dict], issue: str, path: Path) -> None:
     """A grid of the flagged images, each titled with its given and suggested labels."""
     import matplotlib
+
+    from tlkeras.files import atomic
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -531,10 +532,9 @@ def save_gallery(images: list[np.ndarray], rows: list[dict], issue: str, path: P
         ax.set_title(f"{arrow}\n{Path(row['path']).name[:22]} ({row['score']:.2f})", fontsize=7)
     fig.suptitle(f"{issue}: given -> suggested (score)", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=80)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------- command line
