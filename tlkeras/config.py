@@ -173,7 +173,7 @@ class DoctorConfig:
     # An image is an outlier when cleanlab's out-of-distribution score (kNN distance in
     # feature space, in [0, 1]: lower is more unusual) falls this far below the median, in
     # robust standard deviations (1.4826 x median absolute deviation).
-    outlier_deviations: float = 5.0
+    outlier_deviations: float = 3.0
     gallery_images: int = 40  # per issue kind, the highest-scoring first
 
 
