@@ -57,8 +57,10 @@ def test_docs_name_only_real_config_keys():
     """A renamed or removed setting must not live on in README.md or docs/."""
     keys = set(to_flat_dict(Config())) | set(RENAMED)  # the errors page quotes the refusal of an old name
     pattern = re.compile(rf"(?<![\w./-])((?:{'|'.join(SECTIONS)})\.[a-z_]+)(?![\w(/-]|\.\w)")
-    # files, Keras's model.fit, and the misspelt key of the unknown-key example
-    not_keys = {"model.keras", "data.py", "model.py", "export.py", "evaluate.py", "model.fit", "data.batchsize"}
+    # file names (model.keras, model.tflite, data.py), Keras's model.fit, and the misspelt key
+    # of the unknown-key example
+    files = ("py", "keras", "tflite", "onnx", "json", "csv", "png", "h5", "yaml", "npz", "txt")
+    not_keys = {"model.fit", "data.batchsize"} | {f"{section}.{ext}" for section in SECTIONS for ext in files}
     wrong = []
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for match in pattern.finditer(page.read_text()):
