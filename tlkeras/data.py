@@ -166,8 +166,7 @@ class Splits:
 
 
 def _local_copy(name: str) -> str:
-    example = " (e.g. ../shared/assets/tensorflow_datasets)" if name == "cifar10" else ""
-    return f"a folder holding {name}/<version>{example}"
+    return f"a folder holding {name}/<version> (a tensorflow_datasets folder prepared on a machine with network)"
 
 
 def load_split(cfg: DataConfig, split: str, key: str) -> tf.data.Dataset:
