@@ -131,6 +131,7 @@ def test_empty_section_means_defaults(tmp_path):
         ("data.dataset=./no/such/photos", "data.dataset='./no/such/photos': no such folder"),
         ("data.train_split=train[90%:90%]", "data.train_split='train[90%:90%]' selects no examples"),
         ("data.val_split=train[:10%", "data.val_split='train[:10%' is not a valid tfds split"),
+        ("data.dataset=cifar_10", "data.dataset='cifar_10' is neither a folder nor a tfds dataset name; did you mean"),
     ],
 )
 def test_preflight_fails_in_seconds_without_tensorflow(tmp_path, setting, message):

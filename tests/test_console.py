@@ -166,3 +166,57 @@ def test_explicit_log_level_respected_and_debug_changes_nothing(monkeypatch, sav
     console.quiet_libraries()
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == console.TF_LOG_LEVEL
     assert "TF_ENABLE_ONEDNN_OPTS" not in os.environ or os.environ["TF_ENABLE_ONEDNN_OPTS"] != "0"
+
+
+class FakeClock:
+    """A clock the test moves by hand: no sleeps."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_in_a_log_is_a_line_every_period_with_counts_and_rates(caplog):
+    caplog.set_level(logging.INFO, logger="tlkeras")
+    clock = FakeClock()
+    progress = console.Progress("test pass", total=1000, every_s=20, terminal=False, clock=clock)
+    for _ in range(100):  # 100 batches of 10 images, 1 s each: a line per 20 s, not per batch
+        clock.now += 1
+        progress.add(10)
+    assert progress.done() == 100
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "test pass: 200/1000 images (20%), 10.0 images/s"
+    assert len(lines) == 5  # at 20, 40, 60, 80 s, and the last line
+    assert lines[-1] == "test pass: 1000 images in 100 s, 10.0 images/s"
+
+
+def test_progress_tracks_an_iterable_of_unknown_length_and_a_short_step_says_nothing(caplog):
+    caplog.set_level(logging.INFO, logger="tlkeras")
+    clock = FakeClock()
+    progress = console.Progress("scan", total=None, unit="files", terminal=False, clock=clock)
+
+    def slow(items):
+        for item in items:
+            clock.now += 25
+            yield item
+
+    assert list(progress.track(slow(range(100)), size=lambda i: 10)) == list(range(100))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "scan: 10 files, 0.4 files/s"  # unknown total: no share
+    assert len(lines) == 101 and lines[-1] == "scan: 1000 files in 2500 s, 0.4 files/s"
+    caplog.clear()
+    quick = console.Progress("features", total=8, terminal=False, clock=FakeClock())
+    quick.add(8)
+    quick.done()
+    assert not caplog.records  # seconds: no line at all
+
+
+def test_progress_on_a_terminal_is_the_keras_bar(capsys):
+    progress = console.Progress("export version 1", 3, "stages", rate=False, terminal=True)
+    for note in ("SavedModel written", "ONNX converted", "parity checked"):
+        progress.add(note=note)
+    progress.done()
+    out = capsys.readouterr().out
+    assert out.startswith("export version 1:\n") and "3/3" in out

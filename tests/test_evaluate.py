@@ -169,3 +169,32 @@ def test_the_published_cifar10_corrupted_is_read_when_it_is_in_data_dir(tmp_path
         logits_fn, blank, np.zeros(8, np.int64), cfg, dataclasses.replace(info, storage_size=64), seed=0
     )
     assert generated["source"].startswith("generated") and generated["mean_accuracy"] == 1.0
+
+
+def test_balanced_accuracy_exposes_a_dead_minority_class():
+    # 500 of class 0 all right, 5 of class 1 all called class 0: accuracy 0.99, balanced 0.5.
+    labels = np.array([0] * 500 + [1] * 5)
+    preds = np.zeros_like(labels)
+    recalls = E.per_class_recall(preds, labels, 3)  # class 2 has no test image
+    assert recalls == [1.0, 0.0, None]
+    assert (preds == labels).mean() == pytest.approx(0.990, abs=1e-3)
+    assert E.balanced_accuracy(recalls) == 0.5
+    assert E.balanced_accuracy([None, None]) == 0.0
+
+    names = ("ants", "bees", "wasps")
+    dead, imbalance = E.headline_warnings(names, recalls, [500, 5, 50])
+    assert dead.startswith("class 'bees': none of its test images is predicted right (recall 0)")
+    assert dead.endswith("data.class_weight=true weighs the classes equally")
+    assert "'ants' 500 images against 'bees' 5 (ratio 100)" in imbalance and "data.class_weight=true" in imbalance
+    on = E.headline_warnings(names, recalls, [500, 5, 50], class_weight=True)
+    assert len(on) == 2 and "weighs" not in on[0] and "(data.class_weight=true is on)" in on[1]
+    # Balanced train classes (ratio 9 < 10): a dead class is named, class weights are not.
+    (dead,) = E.headline_warnings(names, recalls, [90, 10, 50])
+    assert "'bees'" in dead and "class_weight" not in dead
+    assert E.headline_warnings(names, [0.9, 0.5, None], [90, 10, 50]) == []
+
+
+def test_the_quick_report_skips_fixed_cost_passes_on_a_small_run_only():
+    assert "221 train images < 1000" in E.quick_skip_reason(221, 153)
+    assert "150 test images < 200" in E.quick_skip_reason(5000, 150)
+    assert E.quick_skip_reason(5000, 10000) is None

@@ -145,3 +145,48 @@ def test_a_signal_during_steps_waits_for_the_step_boundary():
         stop.deferred = True  # as StepBackup sets it while fit runs steps
         os.kill(os.getpid(), signal.SIGTERM)  # noted, nothing raised
         assert stop.requested and stop.error("here").exit_code == 143
+
+
+def test_resume_continues_the_interrupted_run_of_the_same_command(mock_cifar, tmp_path, monkeypatch, capsys, caplog):
+    """A stopped run in runs/<time>-<name> is found by --resume alone: no folder name needed."""
+    caplog.set_level(logging.INFO, logger="tlkeras")
+    monkeypatch.chdir(tmp_path)
+    args = [a for kv in tiny_overrides(**{**OVERRIDES, "runtime.backup_minutes": "0"}) for a in ("--set", kv)]
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if finetuning(self.model) and int(self.model.optimizer.iterations) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with mock.patch.object(keras.callbacks.TerminateOnNaN, "on_train_batch_begin", on_train_batch_begin):
+        assert main(args) == 143
+    (run,) = (tmp_path / "runs").iterdir()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"--run-dir '{run.relative_to(tmp_path)}' (or with --resume) to resume" in err[-1]
+
+    assert main(["--resume", *args]) == 0
+    assert list((tmp_path / "runs").iterdir()) == [run]  # the same folder, no new one
+    assert (run / "summary.json").exists()
+    assert "finetune: resuming at epoch 3, step 3 of 3" in (run / "train.log").read_text()
+    assert f"--resume: continuing the unfinished run in {run.relative_to(tmp_path)}" in caplog.text
+
+
+def test_a_stop_before_training_started_names_no_removed_folder(mock_cifar, tmp_path, capsys):
+    """Ctrl-C while the data loads: train removes the folder it made, and the hint says so."""
+    args = [a for kv in tiny_overrides() for a in ("--set", kv)]
+    run = tmp_path / "run"
+
+    def interrupted(*a, **k):  # as Ctrl-C would, while the data is read
+        os.kill(os.getpid(), signal.SIGINT)
+
+    with mock.patch("tlkeras.training.make_datasets", interrupted):
+        assert main(["--run-dir", str(run), *args]) == 130
+    assert not run.exists()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("stopped: SIGINT: stopped before training started; nothing was saved")
+    assert "rerun the same command to start again" in last and str(run) not in last
+
+    run.mkdir()  # a folder the user made: kept, and then named
+    (run / "notes.txt").write_text("mine")
+    with mock.patch("tlkeras.training.make_datasets", interrupted):
+        assert main(["--run-dir", str(run), *args]) == 130
+    assert f"--run-dir '{run}'" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -10,7 +10,7 @@ import pytest
 from conftest import tiny_overrides
 
 from tlkeras import rundir
-from tlkeras.config import load_config
+from tlkeras.config import dump_yaml, load_config
 from tlkeras.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,3 +85,32 @@ def test_damaged_run_files_are_one_line_naming_them(tmp_path):
     (tmp_path / rundir.DATASET).write_text("{}")
     with pytest.raises(UserError, match=r"dataset.json' is damaged \(KeyError"):
         rundir.load_dataset(tmp_path)
+
+
+def test_resume_finds_the_latest_unfinished_run_with_the_same_config(tmp_path):
+    import time
+
+    cfg = load_config(None, tiny_overrides())
+    other = load_config(None, tiny_overrides(**{"head.epochs": "2"}))
+    runs = tmp_path / "runs"
+    assert rundir.find_unfinished(cfg, runs) is None  # no runs/ at all
+
+    def make(name, config, finished=False, age=0):
+        folder = runs / name
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text(dump_yaml(config))
+        os.utime(folder / "config.yaml", (time.time() - age, time.time() - age))
+        if finished:
+            (folder / rundir.SUMMARY).write_text("{}")
+        return folder
+
+    older = make("older", cfg, age=100)
+    assert rundir.find_unfinished(cfg, runs) == older
+    make("finished", cfg, finished=True)  # never reused, however recent
+    make("other-config", other)  # a different --set is another run
+    (runs / "not-a-run").mkdir()
+    make("damaged", cfg).joinpath("config.yaml").write_text("data: [")
+    assert rundir.find_unfinished(cfg, runs) == older
+    newer = make("newer", cfg, age=10)
+    assert rundir.find_unfinished(cfg, runs) == newer
+    assert rundir.find_unfinished(other, runs) == runs / "other-config"

@@ -430,34 +430,44 @@ def test_mirrored_step_equals_default_step_at_the_same_global_batch():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def _wait_until(done, what, proc, settle, timeout=300):
-    """Polls `done()` while training runs, then waits `settle` s to land mid-work."""
+def _wait_until(done, what, proc, timeout=300):
+    """Polls `done()` (every 0.1 s, up to `timeout`) while training runs: the test acts on
+    the state it will assert, never after a fixed sleep, so a busy machine only waits longer."""
     import time
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, f"training exited early with {proc.returncode}"
         if done():
-            time.sleep(settle)
             return
         time.sleep(0.1)
     raise AssertionError(f"no {what} within {timeout} s")
 
 
-def _wait_for_rows(run, rows, proc):
-    # An epoch here takes several seconds: 1.5 s after a row is mid-epoch.
-    def has_rows():
-        return (run / "metrics.csv").exists() and len(read_epochs(run)) >= rows
+def _wait_for_epoch_backup(run, phase, steps, proc):
+    """Until `phase`'s backup on disk is the one written at the end of its first epoch
+    (optimizer step `steps`): the epoch's row, best checkpoint and backup are all written."""
+    import h5py
 
-    _wait_until(has_rows, f"epoch {rows}", proc, settle=1.5)
+    path = run / "backup" / phase / "latest.weights.h5"
+
+    def saved():
+        if not path.exists():
+            return False
+        try:  # replaced atomically: a reader sees the old file or the new one
+            with h5py.File(path, "r") as f:
+                return int(f["optimizer/vars/0"][()]) >= steps
+        except (OSError, KeyError):
+            return False
+
+    _wait_until(saved, f"{phase} backup after its first epoch", proc)
 
 
 def _wait_for_log(run, text, proc):
-    # The features of 1,500 images take seconds: 0.5 s after the line is mid-extraction.
     def logged():
         return (run / "train.log").exists() and text in (run / "train.log").read_text()
 
-    _wait_until(logged, f"'{text}' in the log", proc, settle=0.5)
+    _wait_until(logged, f"'{text}' in the log", proc)
 
 
 @pytest.mark.real
@@ -520,12 +530,13 @@ def test_sigkill_mid_epoch_in_both_phases_then_resume(assets, tmp_path):
 
     run = tmp_path / "killed"
     first = start(run)
-    _wait_for_log(run, "head: epochs", first)  # phase 1 under way: computing the features
+    # The line just before the features of 1,500 images (seconds of work): killed mid-extraction.
+    _wait_for_log(run, "head: epochs", first)
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert "head: features of" not in (run / "train.log").read_text()  # killed mid-extraction
     second = start(run)
-    _wait_for_rows(run, 3, second)  # phase 2, epoch 4 under way
+    _wait_for_epoch_backup(run, "finetune", 600 // 50, second)  # epoch 3 saved: epoch 4 under way
     second.send_signal(signal.SIGKILL)
     second.wait()
     assert not (run / "summary.json").exists()
@@ -654,3 +665,25 @@ def test_the_default_run_folder_is_named_after_the_base_and_the_data(tmp_path):
     assert rundir.default_run_dir(cfg).name.endswith("-mobilenet_v2-my photos")
     assert rundir.default_run_dir(load_config(None)).name.endswith("-vgg16-cifar10")
     assert rundir.default_run_dir(load_config(None, ["name=exp1"])).name.endswith("-exp1")
+
+
+def test_an_imbalanced_folder_reports_balanced_accuracy_and_warns(tmp_path, caplog):
+    """60 vs 5 photos: the summary carries balanced accuracy beside accuracy, and the log
+    names the imbalance and the setting that helps."""
+    import logging
+
+    from conftest import make_image_folder
+
+    caplog.set_level(logging.INFO, logger="tlkeras")
+    folder = make_image_folder(tmp_path / "photos", {"many": 60, "few": 6}, size=(32, 32))
+    cfg = load_config(None, tiny_overrides(**{"data.dataset": str(folder), "finetune.epochs": "0"}))
+    summary = train_and_evaluate(cfg, tmp_path / "run")
+    recalls = [r for r in summary["per_class_test_accuracy"].values() if r is not None]
+    assert summary["test_balanced_accuracy"] == pytest.approx(sum(recalls) / len(recalls), abs=1e-4)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "train classes are imbalanced: 'many'" in log and "data.class_weight=true" in log
+    assert any("imbalanced" in w for w in summary["warnings"])
+    if 0.0 in recalls:
+        assert "none of its test images is predicted right" in log
+    assert f"balanced accuracy {summary['test_balanced_accuracy']:.4f}" in log
+    assert "stored and read at 32x32" in log

@@ -331,6 +331,8 @@ def preflight(cfg: Config, run_dir: Path) -> None:
             f"data.exclude='{cfg.data.exclude}': no such file; give a file listing the images to leave "
             f"out (one path per line, or a CSV with a 'path' column such as tlkeras.doctor's flagged.csv)"
         )
+    if not is_folder(cfg.data.dataset):
+        _check_tfds_name(cfg.data.dataset, cfg.data.data_dir)
     if cfg.data.data_dir and not cfg.data.download and not Path(cfg.data.data_dir).expanduser().is_dir():
         raise UserError(
             f"data.data_dir='{cfg.data.data_dir}': no such folder (and data.download=false); give "
@@ -355,6 +357,34 @@ def preflight(cfg: Config, run_dir: Path) -> None:
         raise UserError(
             f"run folder '{run_dir}' is not writable ('{existing}' is not a writable folder); pass a writable --run-dir"
         )
+
+
+def _check_tfds_name(dataset: str, data_dir: str | None) -> None:
+    """A mistyped tfds name refused in about 2 s, before TensorFlow loads: tensorflow_datasets
+    imports without TensorFlow (its TF imports are lazy) and lists its registered builders
+    from its own modules. A namespaced name (huggingface:mnist) and a dataset prepared in
+    the data folder under its own name are let through: tfds.builder decides them."""
+    import difflib
+
+    from tlkeras.errors import UserError
+
+    name, _, after = dataset.partition(":")
+    if after and not after[:1].isdigit():  # namespace:name, not name:version
+        return
+    folders = [data_dir, os.environ.get("TFDS_DATA_DIR"), "~/tensorflow_datasets"]
+    if any(d and (Path(d).expanduser() / name).is_dir() for d in folders):
+        return
+    import tensorflow_datasets as tfds
+
+    known = tfds.list_builders(with_community_datasets=False)
+    if name in known:
+        return
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    raise UserError(
+        f"data.dataset={dataset!r} is neither a folder nor a tfds dataset name; {hint}give a folder of "
+        f"class subfolders (a path, e.g. ./photos) or a tfds name such as cifar10, tf_flowers"
+    )
 
 
 def _chief_by_tf_config() -> bool:

@@ -117,3 +117,85 @@ def import_quietly(module: str) -> None:
             if kept:
                 sys.stderr.write(kept)
                 sys.stderr.flush()
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """Progress of one long step, the way Keras users expect it: keras.utils.Progbar on a
+    terminal (as fit draws it), else a log line every `every_s` seconds with the count, the
+    share done and the rate, and a last line when the step took that long. Never a line
+    per batch in a log.
+
+        progress = Progress("test pass", total=info.num_test, unit="images")
+        for x, y in dataset:
+            ...
+            progress.add(len(y))
+        progress.done()
+
+    or `for item in Progress(...).track(iterable)`. `total` None: unknown. rate=False for
+    steps whose rate means nothing (the export's three stages). `clock` and `terminal`
+    are for tests (a fake clock; False forces log lines).
+    """
+
+    def __init__(
+        self,
+        what: str,
+        total: int | None = None,
+        unit: str = "images",
+        every_s: float = 20.0,
+        rate: bool = True,
+        terminal: bool | None = None,
+        clock=None,
+    ):
+        import time
+
+        self.what, self.total, self.unit, self.every_s, self.rate = what, total, unit, every_s, rate
+        self.clock = clock or time.monotonic
+        self.count = 0
+        self.start = self.last = self.clock()
+        self.bar = None
+        if sys.stdout.isatty() if terminal is None else terminal:
+            import keras
+
+            print(f"{what}:", flush=True)
+            self.bar = keras.utils.Progbar(total, unit_name=unit)
+
+    def add(self, n: int = 1, note: str = "") -> None:
+        """Counts `n` more done; `note` (e.g. the stage just finished) ends the log line."""
+        self.count += n
+        if self.bar is not None:
+            self.bar.update(self.count)
+            return
+        now = self.clock()
+        if now - self.last >= self.every_s and (self.total is None or self.count < self.total):
+            self.last = now
+            logging.getLogger("tlkeras").info("%s: %s%s", self.what, self.line(now), f"; {note}" if note else "")
+
+    def line(self, now: float) -> str:
+        """'120/500 images (24%), 3.1 images/s' (no share when the total is unknown)."""
+        seconds = max(now - self.start, 1e-9)
+        share = f" ({100 * self.count / self.total:.0f}%)" if self.total else ""
+        of = f"/{self.total}" if self.total is not None else ""
+        speed = f", {self.count / seconds:.1f} {self.unit}/s" if self.rate else f", {seconds:.0f} s"
+        return f"{self.count}{of} {self.unit}{share}{speed}"
+
+    def done(self) -> float:
+        """Ends the bar, or logs the last line when the step took `every_s` or more;
+        returns the step's seconds."""
+        seconds = self.clock() - self.start
+        if self.bar is not None:
+            self.bar.update(self.count, finalize=True)
+        elif seconds >= self.every_s:
+            speed = f", {self.count / max(seconds, 1e-9):.1f} {self.unit}/s" if self.rate else ""
+            logging.getLogger("tlkeras").info("%s: %d %s in %.0f s%s", self.what, self.count, self.unit, seconds, speed)
+        return seconds
+
+    def track(self, iterable, size=None):
+        """Yields the items of `iterable`, counting `size(item)` (1 without `size`) after
+        each, and ends with done()."""
+        for item in iterable:
+            yield item
+            self.add(size(item) if size else 1)
+        self.done()

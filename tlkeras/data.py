@@ -33,6 +33,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tlkeras.config import DataConfig, is_folder
+from tlkeras.console import Progress
 from tlkeras.errors import ConfigError, UserError
 from tlkeras.files import write_atomic
 from tlkeras.images import (
@@ -583,7 +584,7 @@ def scan_images(files: list[Path]) -> dict[str, str]:
         pass
     log.info("data: checking that %d image files decode (once; the result is cached)", len(files))
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        reasons = list(pool.map(_check, files))
+        reasons = list(Progress("data: checking files", len(files), "files").track(pool.map(_check, files)))
     bad = {str(p): r for p, r in zip(files, reasons) if r is not None}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)

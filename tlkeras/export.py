@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from tlkeras.console import quiet_libraries
+from tlkeras.console import Progress, quiet_libraries
 from tlkeras.errors import ArgumentParser, UserError, run_cli, writing
 
 INPUT = "images"
@@ -264,14 +264,18 @@ def export_model(
     litert_tmp = litert_root / f".tmp-{version}-{os.getpid()}"
     with_litert = options is not None and options.litert
     try:
+        progress = Progress(f"export version {version}", 3 if options is None else 4, "stages", rate=False)
         module = make_serving_module(model, class_names)
         save_savedmodel(module, sm_tmp, name, images[:8])
+        progress.add(note="SavedModel written")
         save_onnx(module, onnx_tmp / "model.onnx", class_names)
+        progress.add(note="ONNX converted")
         reference = np.asarray(model.predict(images, verbose=0), dtype=np.float32)
         checks = {
             "savedmodel": parity(reference, run_tf1_session(sm_tmp, images), "SavedModel", class_names),
             "onnx": parity(reference, run_onnx(onnx_tmp / "model.onnx", images), "ONNX"),
         }
+        progress.add(note=f"parity checked on {len(images)} images")
         extras = {}
         if options is not None:
             tmp = litert_tmp if with_litert else None
@@ -280,6 +284,8 @@ def export_model(
             )
             if "litert_parity" in extras:
                 checks["litert"] = extras.pop("litert_parity")
+            progress.add(note="extra formats written")
+        progress.done()
         sm_final, onnx_final = sm_root / str(version), onnx_root / str(version)
         litert_final = litert_root / str(version)
         if with_litert:

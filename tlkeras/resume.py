@@ -52,6 +52,17 @@ class Preempted(UserError):
     """Stopped by a signal after saving what could be saved; exit 128 + signal number."""
 
     label = "stopped"
+    signal_name = "a signal"
+
+    def nothing_saved(self) -> Preempted:
+        """This stop as told once the run folder it would name is gone (train removes a
+        folder it created when nothing had started): no folder to name, nothing to resume."""
+        e = Preempted(
+            f"{self.signal_name}: stopped before training started; nothing was saved and the new "
+            f"run folder was removed; rerun the same command to start again"
+        )
+        e.exit_code = self.exit_code
+        return e
 
 
 class GracefulStop:
@@ -96,9 +107,9 @@ class GracefulStop:
 
     def error(self, where: str) -> Preempted:
         name = signal.Signals(self.signum).name
-        folder = f" with --run-dir '{self.run_dir}'" if self.run_dir else ""
+        folder = f" with --run-dir '{self.run_dir}' (or with --resume)" if self.run_dir else " with --resume"
         e = Preempted(f"{name}: training stopped {where}; rerun the same command{folder} to resume")
-        e.exit_code = 128 + self.signum
+        e.exit_code, e.signal_name = 128 + self.signum, name
         return e
 
 

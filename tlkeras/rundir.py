@@ -53,6 +53,27 @@ def default_run_dir(cfg: Config, kind: str = "") -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{f'{kind}-' if kind else ''}{name}"
 
 
+def find_unfinished(cfg: Config, root: Path = Path("runs")) -> Path | None:
+    """train --resume: the most recently started run folder directly under `root` that has
+    not finished (no summary.json) and whose config.yaml resolves to `cfg` (the same
+    --config and --set give the same config); None when there is none. A folder whose
+    config cannot be read is passed over."""
+    from tlkeras.config import load_config
+
+    candidates = []
+    for folder in root.iterdir() if root.is_dir() else []:
+        config_file = folder / "config.yaml"
+        if not config_file.is_file() or (folder / SUMMARY).exists():
+            continue
+        try:
+            same = to_flat_dict(load_config(config_file)) == to_flat_dict(cfg)
+        except (UserError, ValueError, OSError):  # ConfigError is a UserError
+            continue
+        if same:
+            candidates.append((config_file.stat().st_mtime, folder.name, folder))
+    return max(candidates)[2] if candidates else None
+
+
 def prepare(run_dir: Path, cfg: Config, argv: list[str]) -> bool:
     """Creates the folder or checks that it holds this same unfinished run; True if resuming."""
     if (run_dir / SUMMARY).exists():

@@ -34,11 +34,15 @@ from tensorflow.python.framework import config as tf_config  # op determinism: n
 
 from tlkeras import rundir
 from tlkeras.config import Config
+from tlkeras.console import Progress
 from tlkeras.data import DatasetInfo, Splits, feature_dataset, feature_epochs, make_datasets, read_errors
 from tlkeras.doctor import quick_check
 from tlkeras.errors import UserError, writing
 from tlkeras.evaluate import (
     dataset_logits,
+    dead_class_warning,
+    headline_warnings,
+    imbalance_warning,
     logits_function,
     save_confusion_png,
     test_metrics,
@@ -218,14 +222,19 @@ class WholeModelCheckpoint(keras.callbacks.ModelCheckpoint):
 
 
 def compute_features(
-    extractor: keras.Model, images: tf.data.Dataset, flip: bool = False
+    extractor: keras.Model, images: tf.data.Dataset, flip: bool = False, progress: Progress | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(pooled features as float32, labels) for every batch, in order."""
+    """(pooled features as float32, labels) for every batch, in order; `progress` is told
+    each batch's image count."""
     forward = tf.function(lambda x: extractor(tf.image.flip_left_right(x) if flip else x, training=False))
     feats, labels = [], []
     for x, y in images:
         feats.append(tf.cast(forward(x), tf.float32).numpy())
         labels.append(y.numpy())
+        if progress is not None:
+            progress.add(len(labels[-1]))
+    if progress is not None:
+        progress.done()
     return np.concatenate(feats), np.concatenate(labels)
 
 
@@ -286,16 +295,17 @@ def cached_feature_data(
     mirror = cfg.data.augment and cfg.head.mirrored_features
     computed = []
 
-    def part(name, images, flip=False):
+    def part(name, images, total, flip=False):
         def compute():
             computed.append(name)
-            return compute_features(extractor, images, flip)
+            progress = Progress(f"head: computing the {' '.join(reversed(name.split('_')))} features", total)
+            return compute_features(extractor, images, flip, progress)
 
         return load_or_compute_features(folder, name, key, compute)
 
-    features, labels = part("train", splits.train_plain)
-    flipped = part("train_mirrored", splits.train_plain, flip=True)[0] if mirror else None
-    val_features, val_labels = part("val", splits.val)
+    features, labels = part("train", splits.train_plain, splits.num_train)
+    flipped = part("train_mirrored", splits.train_plain, splits.num_train, flip=True)[0] if mirror else None
+    val_features, val_labels = part("val", splits.val, splits.num_val)
     seconds = time.perf_counter() - start
     images = len(labels) * (2 if mirror else 1) + len(val_labels)
     what = "train, mirrored train, val" if mirror else "train, val"
@@ -547,6 +557,13 @@ def train_and_evaluate(cfg: Config, run_dir: Path, argv: list[str] = ()) -> dict
                 tf_config.disable_op_determinism()
 
 
+def image_sizes(storage: int, model: int) -> str:
+    """'stored at 32x32, resized to 64x64 in the model' (or 'stored and read at 224x224')."""
+    if storage == model:
+        return f"stored and read at {storage}x{storage}"
+    return f"stored at {storage}x{storage}, resized to {model}x{model} in the model"
+
+
 def weights_fingerprint(model: keras.Model) -> str:
     digest = hashlib.sha256()
     for w in model.get_weights():
@@ -583,12 +600,11 @@ def _train(
     splits = make_datasets(cfg.data, cfg.seed, cfg.model.resolution)
     info = splits.info
     log.info(
-        "data: %s (%s), %d classes, %dx%d storage; %d train, %d val, %d test images",
+        "data: %s (%s), %d classes, %s; %d train, %d val, %d test images",
         info.name,
         info.source,
         info.num_classes,
-        info.storage_size,
-        info.storage_size,
+        image_sizes(info.storage_size, cfg.model.resolution),
         info.num_train,
         info.num_val,
         info.num_test,
@@ -607,6 +623,9 @@ def _train(
         "data: train images per class: %s",
         ", ".join(f"{c} {n}" for c, n in zip(info.class_names, info.train_class_counts)),
     )
+    imbalance = imbalance_warning(info.class_names, info.train_class_counts, cfg.data.class_weight)
+    if imbalance:
+        log.warning("data: %s", imbalance)
     if chief:
         rundir.record_dataset(run_dir, info)
     if cfg.data.doctor:  # exact duplicates and leaks between splits, by file hash: seconds
@@ -674,8 +693,14 @@ def finish_run(
     # The test split's logits, once: the accuracy here and the trust report's clean pass.
     logits_fn = logits_function(model)
     with read_errors(cfg.data):  # the images are kept for the report, else only 64 for the export
-        test = dataset_logits(logits_fn, splits.test, None if cfg.evaluate.enabled else 64)
+        progress = Progress("test pass", info.num_test)
+        test = dataset_logits(logits_fn, splits.test, None if cfg.evaluate.enabled else 64, progress)
     results = test_metrics(test[2].argmax(1), test[1], info.class_names)
+    recalls = list(results["per_class_test_accuracy"].values())
+    dead = dead_class_warning(info.class_names, recalls, info.train_class_counts, cfg.data.class_weight)
+    if dead:
+        log.warning("test: %s", dead)  # the train imbalance was said at the start
+    warnings = headline_warnings(info.class_names, recalls, info.train_class_counts, cfg.data.class_weight)
     save_confusion_png(results["confusion_matrix"], info.class_names, info.name, run_dir / "confusion_matrix.png")
     with rundir.atomic(run_dir / rundir.MODEL, "the model", 2 * sum(w.nbytes for w in model.get_weights())) as tmp:
         model.save(tmp)
@@ -730,18 +755,21 @@ def finish_run(
             "tta_accuracy": report["tta"]["accuracy"],
             "ece_before": report["calibration"]["ece_before"],
             "ece_after": report["calibration"]["ece_after"],
-            "corruption_mean_accuracy": report["corruptions"]["mean_accuracy"],
-            "pgd_accuracy": report["adversarial"]["pgd"],
+            "corruption_mean_accuracy": report["corruptions"].get("mean_accuracy"),  # None: skipped
+            "pgd_accuracy": report["adversarial"].get("pgd"),
             "wall_time_s": report["wall_time_s"],
         },
+        "warnings": warnings,
+        "image_sizes": {"storage": info.storage_size, "model": cfg.model.resolution},
         "dataset": rundir.DATASET,  # class names, storage size, counts: stored once, there
         "model": rundir.MODEL,
         "exports": exports,
     }
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
     log.info(
-        "test accuracy %.4f on %d images (val %.4f), %.0f s",
+        "test accuracy %.4f, balanced accuracy %.4f on %d images (val %.4f), %.0f s",
         summary["test_accuracy"],
+        summary["test_balanced_accuracy"],
         summary["test_examples"],
         summary["val_accuracy"],
         summary["wall_time_s"],
