@@ -77,9 +77,9 @@ def test_phase1_computes_the_frozen_features_once(mock_cifar, tmp_path, mirrored
     calls = []
     real = training.compute_features
 
-    def counting(extractor, images, flip=False):
+    def counting(extractor, images, flip=False, progress=None):
         calls.append(flip)
-        return real(extractor, images, flip)
+        return real(extractor, images, flip, progress)
 
     cfg = load_config(
         None,
@@ -111,9 +111,9 @@ def test_a_resumed_phase1_reuses_its_verified_features(mock_cifar, tmp_path):
     calls = []
     real = training.compute_features
 
-    def counting(extractor, images, flip=False):
+    def counting(extractor, images, flip=False, progress=None):
         calls.append(flip)
-        return real(extractor, images, flip)
+        return real(extractor, images, flip, progress)
 
     def crash(self, epoch, logs=None):
         if epoch == 1:
