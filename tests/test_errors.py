@@ -188,7 +188,7 @@ def test_full_disk_writing_a_json_file_keeps_the_old_one(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "write_text", half_then_full)
     with pytest.raises(
         UserError,
-        match=r"no space left on the device while writing 'summary.json' to '.*\.summary\.json\.tmp' \(\d+ MB free",
+        match=r"no space left on the device while writing 'summary.json' to '.*\.tmp-\d+-summary\.json' \(\d+ MB free",
     ):
         rundir.write_json(path, {"new": 2})
     monkeypatch.undo()
