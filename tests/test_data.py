@@ -222,21 +222,6 @@ def test_split_strings_slice_split_folders_with_tfds_syntax(tmp_path):
         make(folder_cfg(root, storage_size=16, test_split="tset"))
 
 
-def test_the_scan_is_cached_and_redone_when_a_file_changes(tmp_path, monkeypatch):
-    root = make_image_folder(tmp_path / "d", {"a": 4, "b": 4})
-    calls = []
-    real = D._check
-    monkeypatch.setattr(D, "_check", lambda p: calls.append(p) or real(p))
-    cfg = folder_cfg(root, storage_size=16, val_fraction=0.25, test_fraction=0.25)
-    make(cfg)
-    assert len(calls) == 8
-    make(cfg)
-    assert len(calls) == 8  # cached
-    (root / "a" / "0.png").write_bytes(b"broken")
-    assert make(cfg).info.num_train + make(cfg).info.num_val + make(cfg).info.num_test == 7
-    assert len(calls) == 16  # the listing changed: scanned again, once
-
-
 @pytest.mark.parametrize(
     "setup, message",
     [
@@ -414,18 +399,19 @@ def test_a_corrupt_record_file_is_one_line_naming_it(tmp_path, monkeypatch):
     assert data.damaged_record_files(DataConfig()) == paths
 
 
-def test_an_image_unreadable_after_the_scan_is_one_line_naming_it(tmp_path):
+def test_a_damaged_prepared_shard_is_one_line_naming_the_way_out(tmp_path):
     from conftest import make_image_folder
 
     from tlkeras.data import read_errors
-    from tlkeras.images import ImageError
 
     root = make_image_folder(tmp_path / "photos", {"a": 6, "b": 6})
-    cfg = DataConfig(dataset=str(root), batch_size=4, cache=False, val_fraction=0.2, test_fraction=0.2)
+    where = tmp_path / "prep"
+    cfg = DataConfig(dataset=str(root), batch_size=4, cache=False, prepared_dir=str(where))
     splits = make_datasets(cfg)
-    (root / "a" / "0.png").write_bytes(b"not an image any more")
-    (root / "b" / "0.png").write_bytes(b"not an image any more")
-    with pytest.raises(ImageError, match=r"'.*/[ab]/0\.png'.*\(it was readable when the folder was scanned\)"):
+    (root / "a" / "0.png").write_bytes(b"not an image any more")  # prepared already: not read again
+    for shard in where.glob("*/*.tfrecord"):
+        shard.write_bytes(shard.read_bytes()[:-30])
+    with pytest.raises(UserError, match=r"a prepared shard of '.*photos' is damaged .*delete the prepared shards"):
         with read_errors(cfg):
             for split in (splits.train_plain, splits.val, splits.test):
                 list(split)
@@ -454,7 +440,8 @@ def photo(path, colour=(200, 80, 40), fmt=None, **options):
 def data_lines(caplog):
     """The lines naming what the folder listing left out."""
     messages = [r.getMessage() for r in caplog.records if r.name == "tlkeras"]
-    return [m for m in messages if m.startswith("data: ") and not m.startswith("data: checking")]
+    preparing = ("data: checking", "data: prepar")  # the preparation's progress and the cache choice
+    return [m for m in messages if m.startswith("data: ") and not m.startswith(preparing) and " need " not in m]
 
 
 def total(info):
@@ -580,12 +567,14 @@ def test_names_that_are_not_utf8_are_read_cached_and_shown_escaped(tmp_path, cap
 
 def test_an_empty_or_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
     monkeypatch.delenv("TLKERAS_CACHE_DIR")
-    home = Path.home() / ".cache" / "tlkeras" / "scans"
+    from tlkeras.prepare import prepared_root
+
+    home = Path.home() / ".cache" / "tlkeras" / "prepared"
     for value in ("", "relative/cache"):
         monkeypatch.setenv("XDG_CACHE_HOME", value)
-        assert D._scan_cache_dir() == home
+        assert prepared_root(None) == home
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert D._scan_cache_dir() == tmp_path / "tlkeras" / "scans"
+    assert prepared_root(None) == tmp_path / "tlkeras" / "prepared"
 
 
 def test_a_folder_mixing_every_kind_trains_on_the_photos_a_person_counts(tmp_path, caplog):

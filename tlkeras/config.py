@@ -53,7 +53,14 @@ class DataConfig:
     batch_size: int = 256  # global: split evenly across replicas
     shuffle_buffer: int = 10_000  # training examples shuffled at a time (per epoch, seeded)
     augment: bool = True  # random flip + random translation (S/8), train split only
-    cache: bool = True  # keep the decoded uint8 images in memory after the first pass (CIFAR-10: 180 MB)
+    # Keep the decoded uint8 images in memory after the first pass (CIFAR-10: 180 MB).
+    # auto: only when all splits fit in half the available memory (MemAvailable), else read
+    # every epoch from the prepared shards (folders) or tfds's records; true: always, refused
+    # up front when they cannot fit; false: never.
+    cache: bool | str = "auto"
+    # Where folders are prepared (decoded once into TFRecord shards at S); null: the tlkeras
+    # cache (~/.cache/tlkeras/prepared, or $TLKERAS_CACHE_DIR/prepared). See docs/scale.md.
+    prepared_dir: str | None = None
     class_weight: bool = False  # weight each class by n / (classes * count): for imbalanced data
     # A file naming images to leave out of the run (the folder is never touched): the `path`
     # column of a CSV (tlkeras.doctor's flagged.csv) or one path per line; tfds examples as
@@ -275,6 +282,8 @@ def validate(cfg: Config) -> None:
             f"data.val_fraction={cfg.data.val_fraction} and data.test_fraction="
             f"{cfg.data.test_fraction} must each be in [0, 1) and leave some training data"
         )
+    if isinstance(cfg.data.cache, str) and cfg.data.cache != "auto":
+        raise ConfigError(f"data.cache={cfg.data.cache!r} is not one of auto, true, false")
     if not cfg.data.dataset:
         raise ConfigError("data.dataset is empty; give a tfds name (cifar10) or a folder path")
     if not 0 <= cfg.model.dropout < 1:

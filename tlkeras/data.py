@@ -16,13 +16,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import errno
-import hashlib
-import json
 import logging
 import os
 import re
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,21 +30,18 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tlkeras.config import DataConfig, is_folder
-from tlkeras.console import Progress
 from tlkeras.errors import ConfigError, UserError
-from tlkeras.files import write_atomic
 from tlkeras.images import (
-    FILE_LIMITS,
     FORMAT_NAMES,
     IMAGE_EXTENSIONS,
     ImageError,
     composite_in_graph,
-    decode_file,
     fit_square,
     shown,
     sniff_file,
 )
 from tlkeras.policies import assign_splits, carve_counts, storage_size
+from tlkeras.prepare import check_cache_fits, choose_cache, prepare_files, prepared_root, read_prepared
 
 log = logging.getLogger("tlkeras")
 
@@ -547,53 +541,6 @@ def list_folder(root: Path, key: str = "data.dataset") -> tuple[dict[str, dict[s
     return tree, skipped, split_dirs == []
 
 
-def _scan_cache_dir() -> Path:
-    """TLKERAS_CACHE_DIR, else $XDG_CACHE_HOME/tlkeras, else ~/.cache/tlkeras; an empty or
-    relative XDG_CACHE_HOME is ignored, as the XDG spec says (it would write into the
-    current folder)."""
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    base = (
-        os.environ.get("TLKERAS_CACHE_DIR") or Path(xdg if os.path.isabs(xdg) else Path.home() / ".cache") / "tlkeras"
-    )
-    return Path(base) / "scans"
-
-
-def _check(path: Path) -> str | None:
-    try:
-        decode_file(path, **FILE_LIMITS)
-        return None
-    except ImageError as e:
-        return str(e)
-
-
-def scan_images(files: list[Path]) -> dict[str, str]:
-    """{path: reason} for every file that cannot be decoded (each one is decoded once).
-
-    Cached by the files' paths, sizes and modification times, so a rerun over the same
-    folder does not decode everything again.
-    """
-    digest = hashlib.sha256(str(SCAN_VERSION).encode())
-    for p in files:  # bytes: a name that is not UTF-8 (surrogates in str) hashes too
-        stat = p.stat()
-        digest.update(b"\n%s\t%d\t%d" % (os.fsencode(p), stat.st_size, stat.st_mtime_ns))
-    digest = digest.hexdigest()[:24]
-    cache = _scan_cache_dir() / f"{digest}.json"
-    try:
-        return json.loads(cache.read_text())["bad"]
-    except (OSError, ValueError, KeyError):
-        pass
-    log.info("data: checking that %d image files decode (once; the result is cached)", len(files))
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        reasons = list(Progress("data: checking files", len(files), "files").track(pool.map(_check, files)))
-    bad = {str(p): r for p, r in zip(files, reasons) if r is not None}
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(cache, json.dumps({"files": len(files), "bad": bad}))
-    except (OSError, UserError) as e:  # a read-only home only costs a rescan next time
-        log.warning("data: could not cache the scan in %s (%s)", cache.parent, getattr(e, "strerror", None) or e)
-    return bad
-
-
 def carve(files_by_class: dict[str, list[Path]], fractions: tuple[float, float], seed: int) -> tuple[list, list, list]:
     """Stratified, seeded split of {class: files} into (train, val, test) lists of (path, class index).
 
@@ -637,7 +584,13 @@ def _folder_source(cfg: DataConfig, model_size: int, seed: int):
     root = Path(cfg.dataset).expanduser()
     tree, skipped, flat = list_folder(root)
     everything = [p for classes in tree.values() for files in classes.values() for p in files]
-    bad = scan_images(everything)
+    size = storage_size(cfg.storage_size, None, model_size)
+    check_cache_fits(cfg.cache, len(everything), size)  # before any decoding
+    # Decoded once, in parallel, into shards at S (reused while the folder is unchanged); the
+    # files that do not decode are found on the way.
+    groups = [(split, [p for files in classes.values() for p in files]) for split, classes in tree.items()]
+    prepared = prepare_files(groups, size, prepared_root(cfg.prepared_dir))
+    bad = prepared.bad
     level, line = skipped.describe(bad, len(everything))
     if line:
         log.log(level, "%s", line)
@@ -687,14 +640,6 @@ def _folder_source(cfg: DataConfig, model_size: int, seed: int):
     lists, excluded = _leave_out(lists, exclude_list(cfg), root)
     members = {role: {os.path.realpath(p) for p, _ in pairs} for role, pairs in lists.items()}
     warn_overlap(list(members), lambda a, b: len(members[a] & members[b]), source)
-    size = storage_size(cfg.storage_size, None, model_size)
-
-    def read(path):
-        # Pillow, not tf.io: EXIF orientation, transparency and GIF/BMP decoded as a
-        # viewer shows them, exactly as `predict` reads a file.
-        image = tf.numpy_function(lambda p: decode_file(p, **FILE_LIMITS), [path], tf.uint8, stateful=False)
-        image.set_shape([None, None, 3])
-        return fit_square(image, size)
 
     datasets = {}
     for role, pairs in lists.items():
@@ -705,10 +650,7 @@ def _folder_source(cfg: DataConfig, model_size: int, seed: int):
                 if role != "train"
                 else f"the train split of '{root}' came out empty; lower data.val_fraction and data.test_fraction"
             )
-        paths = tf.constant([os.fsencode(p) for p, _ in pairs])  # bytes: names need not be UTF-8
-        labels = tf.constant([y for _, y in pairs], tf.int64)
-        ds = tf.data.Dataset.from_tensor_slices((paths, labels))
-        datasets[role] = ds.map(lambda p, y: (read(p), y), num_parallel_calls=tf.data.AUTOTUNE)
+        datasets[role] = read_prepared(prepared, pairs)
     files = {role: [str(p) for p, _ in pairs] for role, pairs in lists.items()}
     return datasets, class_names, size, source, [y for _, y in lists["train"]], files, excluded
 
@@ -870,9 +812,9 @@ def make_datasets(cfg: DataConfig, seed: int = 0, model_size: int = 224) -> Spli
     kind, datasets, class_names, size, source, train_labels, files, excluded = _sources(cfg, seed, model_size)
     train, val, test = datasets["train"], datasets["val"], datasets["test"]
     auto = tf.data.AUTOTUNE
-    if cfg.cache:
-        train, val, test = train.cache(), val.cache(), test.cache()
     counts = [_count(d, f"{role}_split", source[role]) for d, role in ((train, "train"), (val, "val"), (test, "test"))]
+    if choose_cache(cfg.cache, sum(counts), size):
+        train, val, test = train.cache(), val.cache(), test.cache()
     if train_labels is None:  # tfds: one pass, which also fills the cache the first epoch would
         train_labels = np.concatenate([y for _, y in train.batch(4096).as_numpy_iterator()])
     labels = np.asarray(train_labels, np.int64)
@@ -936,9 +878,14 @@ def read_errors(cfg: DataConfig) -> Iterator[None]:
     try:
         yield
     except tf.errors.DataLossError as e:
-        bad = [] if is_folder(cfg.dataset) else damaged_record_files(cfg)
-        where = ", ".join(f"'{p}'" for p in bad[:3]) or f"a data file of '{cfg.dataset}'"
         reason = e.message.splitlines()[0].split("}}")[-1].strip()[:120]
+        if is_folder(cfg.dataset):  # the prepared shards: made again from the folder
+            raise UserError(
+                f"a prepared shard of '{cfg.dataset}' is damaged ({reason}); delete the prepared shards in "
+                f"'{prepared_root(cfg.prepared_dir)}' and rerun: the folder is prepared again"
+            ) from None
+        bad = damaged_record_files(cfg)
+        where = ", ".join(f"'{p}'" for p in bad[:3]) or f"a data file of '{cfg.dataset}'"
         raise UserError(
             f"{where} is damaged ({reason}); restore it from a good copy, or delete the "
             f"dataset's folder and let tfds prepare it again (data.download=true)"

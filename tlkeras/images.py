@@ -171,7 +171,11 @@ def _too_big(name: str, size: int, limit: int = MAX_IMAGE_BYTES) -> ImageError:
 
 
 def decode_bytes(
-    data: bytes, name: str = "image", max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS
+    data: bytes,
+    name: str = "image",
+    max_bytes: int = MAX_IMAGE_BYTES,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    draft: int | None = None,
 ) -> np.ndarray:
     """An encoded image file (one of FORMATS) -> uint8 RGB pixels [H, W, 3], upright, sRGB, opaque.
 
@@ -185,6 +189,9 @@ def decode_bytes(
     alpha of any kind (RGBA, LA, PA, palette or single-colour tRNS transparency) composited
     onto BACKGROUND; CMYK, palette, grayscale and 16-bit -> 8-bit RGB. 16-bit samples keep
     their high byte, as TF's PNG decoder does, so both decoders agree.
+    `draft` (JPEG only): decode at the smallest DCT scale (1/2, 1/4 or 1/8, libjpeg's
+    scaling through Pillow's Image.draft) that keeps both sides at least `draft` pixels;
+    a 4032x3024 photo bound for 224 px is decoded 8x smaller, several times faster.
     """
     if not data:
         raise ImageError(f"'{name}': empty file (0 bytes); pass a {_ONE_OF} image")
@@ -210,6 +217,11 @@ def decode_bytes(
             f"'{name}': {width}x{height} image ({width * height} pixels) is over the "
             f"{side}x{side} limit ({max_pixels} pixels); downscale it"
         )
+    if draft is not None and fmt == "JPEG":
+        try:
+            im.draft(im.mode, (draft, draft))  # before load(); a square request is rotation-proof
+        except Exception:  # noqa: BLE001 - no scaling: decoded in full, as without draft
+            pass
     try:
         im.load()  # for GIF: the first frame, where the file is positioned after opening
     except Exception:  # noqa: BLE001
@@ -318,7 +330,10 @@ def composite_over_background(rgba: np.ndarray) -> np.ndarray:
 
 
 def decode_file(
-    path: str | bytes | os.PathLike, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS
+    path: str | bytes | os.PathLike,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    draft: int | None = None,
 ) -> np.ndarray:
     """decode_bytes on a file's contents: uint8 RGB [H, W, 3], as a viewer shows the file.
 
@@ -327,7 +342,7 @@ def decode_file(
     are read too. The size is checked with stat() before anything is read, and the read is
     bounded, so a huge file (or a device such as /dev/zero) is refused without loading it.
     Raises ImageError naming the path (escaped by `shown`): missing/unreadable (with the OS
-    reason), too big, or any decode_bytes failure.
+    reason), too big, or any decode_bytes failure. `draft`: as decode_bytes'.
     """
     path = Path(os.fsdecode(path))
     name = shown(path)
@@ -339,7 +354,7 @@ def decode_file(
             data = f.read(max_bytes + 1)  # +1: a file that grew is still caught
     except OSError as e:
         raise ImageError(f"'{name}': cannot read it ({e.strerror}); check the path") from None
-    return decode_bytes(data, name, max_bytes, max_pixels)
+    return decode_bytes(data, name, max_bytes, max_pixels, draft)
 
 
 def upright_bytes(data: bytes, name: str = "image") -> bytes:

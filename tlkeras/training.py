@@ -51,6 +51,7 @@ from tlkeras.evaluate import (
     val_temperature,
 )
 from tlkeras.export import export_model
+from tlkeras.features import compute_features
 from tlkeras.litert import int8_data
 from tlkeras.model import build_model, set_finetune_trainable, split_at_features
 from tlkeras.policies import (
@@ -219,23 +220,6 @@ class WholeModelCheckpoint(keras.callbacks.ModelCheckpoint):
         if current is not None and self.best is not None and current == self.best:
             self.best = -math.inf  # mode "max": the tie now counts as an improvement
         super().on_epoch_end(epoch, logs)
-
-
-def compute_features(
-    extractor: keras.Model, images: tf.data.Dataset, flip: bool = False, progress: Progress | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(pooled features as float32, labels) for every batch, in order; `progress` is told
-    each batch's image count."""
-    forward = tf.function(lambda x: extractor(tf.image.flip_left_right(x) if flip else x, training=False))
-    feats, labels = [], []
-    for x, y in images:
-        feats.append(tf.cast(forward(x), tf.float32).numpy())
-        labels.append(y.numpy())
-        if progress is not None:
-            progress.add(len(labels[-1]))
-    if progress is not None:
-        progress.done()
-    return np.concatenate(feats), np.concatenate(labels)
 
 
 def features_fingerprint(cfg: Config, info: DatasetInfo) -> str:
