@@ -222,6 +222,10 @@ class WholeModelCheckpoint(keras.callbacks.ModelCheckpoint):
         super().on_epoch_end(epoch, logs)
 
 
+# Data settings that never change the frozen features (where and whether images are kept does not).
+NOT_IN_FEATURES = ("batch_size", "shuffle_buffer", "cache", "prepared_dir")
+
+
 def features_fingerprint(cfg: Config, info: DatasetInfo) -> str:
     """What the frozen features depend on: the base and its weights, the data and its
     splits, the seed (carves; random weights) and the precision. Anything else may change."""
@@ -229,7 +233,7 @@ def features_fingerprint(cfg: Config, info: DatasetInfo) -> str:
     if weights not in (None, "imagenet"):  # a file: its identity, not its path alone
         stat = Path(weights).expanduser().stat()
         weights = f"{Path(weights).expanduser().resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in ("batch_size", "shuffle_buffer")}
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if k not in NOT_IN_FEATURES}
     key = {
         "model": {**dataclasses.asdict(cfg.model), "weights": weights},
         "data": data,
