@@ -64,6 +64,7 @@ def test_two_loopback_workers_each_compute_their_own_share_of_a_folder(tmp_path)
     codes = [p.wait(timeout=600) for p in procs]
     outs = [log.read_text() for log in logs]
     assert codes == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert sum(out.count("data: preparing") for out in outs) == 1  # one worker decodes, the other waits
     shares = [re.findall(r"this worker computed the features of (\d+) images of (\d+)", out) for out in outs]
     assert len(shares[0]) == len(shares[1]) == 3  # train, mirrored train, val
     for (mine, total), (theirs, total_again) in zip(*shares):

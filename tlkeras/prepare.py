@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import fcntl
 import hashlib
 import json
 import logging
@@ -102,9 +103,21 @@ def prepare_files(groups: list[tuple[str, list[Path]]], size: int, where: Path, 
     prefix, key = folder_key(groups, size)
     final = where / f"{prefix}-{key}"
     found = _load(final)
-    if found is not None:
-        log.info("data: %d images prepared at %dx%d reused from %s", len(found.files), size, size, final)
+    if found is None:
+        # One preparer per folder and S: a second worker or run on this machine (or on a
+        # shared file system) waits here, then reuses the shards instead of decoding again.
+        where.mkdir(parents=True, exist_ok=True)
+        with open(where / f".{prefix}-{key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            found = _load(final) or _prepare(groups, size, where, prefix, key, workers)
+        (where / f".{prefix}-{key}.lock").unlink(missing_ok=True)
         return found
+    log.info("data: %d images prepared at %dx%d reused from %s", len(found.files), size, size, final)
+    return found
+
+
+def _prepare(groups, size: int, where: Path, prefix: str, key: str, workers: int | None) -> Prepared:
+    final = where / f"{prefix}-{key}"
     files, jobs = [], []
     for group, paths in groups:
         first = len(files)
