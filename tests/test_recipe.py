@@ -117,5 +117,5 @@ def test_an_auto_run_on_a_folder_writes_its_recipe(tmp_path):
     assert (chosen.model.resolution, chosen.data.batch_size) == (64, 8)
     assert (chosen.head.epochs, chosen.finetune.epochs) == (20, 1)
     assert (chosen.finetune.unfreeze, chosen.finetune.learning_rate) == ("block5", 1e-5)
-    assert summary["dataset"]["storage_size"] == 64 and summary["recipe"] == "recipe.yaml"
+    assert rundir.load_dataset(tmp_path / "run").storage_size == 64 and summary["recipe"] == "recipe.yaml"
     assert "# Why:" in (tmp_path / "run" / "recipe.yaml").read_text()
