@@ -90,9 +90,8 @@ class ModelConfig:
 class HeadConfig:
     """Phase 1: the base is frozen, only the new head trains on its features, computed once."""
 
-    epochs: int | Auto = (
-        AUTO  # on the cached features: seconds each on a CPU; auto: BiT-style bucket of the dataset size
-    )
+    # On the cached features: seconds each on a CPU. auto: BiT-style bucket of the dataset size.
+    epochs: int | Auto = AUTO
     learning_rate: float = 1e-3  # Adam, constant
     # With data.augment, also compute the features of the mirrored training images (twice
     # the extraction time): the one augmentation that survives caching.
