@@ -45,8 +45,14 @@ from tlkeras.rundir import RECIPE
 
 log = logging.getLogger("tlkeras")
 HEADER_SAMPLE = 64  # image headers read to estimate the photos' size: milliseconds
-EXPORT_S = 45.0  # SavedModel + ONNX export and their parity checks, VGG16 on 2 busy cores (measured ~30 s)
-START_S = 10.0  # model build, summaries, confusion matrix, model.keras
+# Seconds after training that do not scale with the images, measured with VGG16 at 160x160
+# on the 2 busy cores of a hymenoptera run (docs/recipes.md): the float model rebuilt and
+# saved, the confusion matrix; the val temperature fit; SavedModel + ONNX with parity
+# checks (66 s); a LiteRT conversion (a guess from the ONNX one).
+START_S = 20.0
+CALIBRATION_S = 50.0
+EXPORT_S = 70.0
+LITERT_S = 40.0
 
 
 @dataclass(frozen=True)
@@ -210,10 +216,7 @@ class Recipe:
         depths = [user.finetune.unfreeze] if user.finetune.unfreeze != AUTO else _depth_candidates(data, backbone)
         self.feature_ips, self.finetune_ips = measure_throughput(self.cfg, res, depths)
         mirrored = user.data.augment and user.head.mirrored_features
-        after_images = data.num_test
-        if user.evaluate.enabled:  # the quick report: clean + TTA, val calibration, corruptions, attacks
-            after_images += 2 * min(data.num_test, user.evaluate.quick_test_images) + data.num_val + 7 * 5 * 40 + 4500
-        fixed = START_S + (EXPORT_S if user.export.enabled else 0.0)
+        after_images, fixed = after_training(user, data)
         elapsed = time.perf_counter() - start
         left = self.budget_s - elapsed
         finetune_max = self.cfg.finetune.epochs
@@ -283,6 +286,24 @@ class Recipe:
 
     def log(self, stage: str) -> None:
         log.info("recipe (%s):\n%s", stage, self.table())
+
+
+def after_training(cfg: Config, data: Survey) -> tuple[int, float]:
+    """(frozen-speed forward passes, fixed seconds) of what follows training: the test
+    split, the quick trust report (clean + TTA, val calibration, 7 x 5 corruptions of 40
+    images, FGSM and PGD-10 on 32 images: about 4,500 passes), the val temperature, the
+    exports (each int8 variant: its calibration images and its test-accuracy gate)."""
+    images, fixed = data.num_test, START_S
+    if cfg.evaluate.enabled:
+        images += 2 * min(data.num_test, cfg.evaluate.quick_test_images) + data.num_val + 7 * 5 * 40 + 4500
+    elif cfg.evaluate.fold_temperature:
+        images, fixed = images + data.num_val, fixed + CALIBRATION_S
+    if cfg.export.enabled:
+        fixed += EXPORT_S + (LITERT_S if cfg.export.litert else 0.0)
+        gate = min(data.num_test, cfg.export.int8_test_images or data.num_test)
+        variants = cfg.export.int8_onnx + (cfg.export.litert and cfg.export.int8_litert)
+        images += variants * (cfg.export.calibration_images + gate)
+    return images, fixed
 
 
 def _get(cfg: Config, key: str):
