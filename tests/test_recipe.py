@@ -119,3 +119,20 @@ def test_an_auto_run_on_a_folder_writes_its_recipe(tmp_path):
     assert (chosen.finetune.unfreeze, chosen.finetune.learning_rate) == ("block5", 1e-5)
     assert rundir.load_dataset(tmp_path / "run").storage_size == 64 and summary["recipe"] == "recipe.yaml"
     assert "# Why:" in (tmp_path / "run" / "recipe.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "overrides, images, fixed",
+    [
+        (["evaluate.enabled=false", "evaluate.fold_temperature=false", "export.enabled=false"], 300, 20.0),
+        (["evaluate.enabled=false", "export.enabled=false"], 600, 70.0),  # + val temperature
+        (["evaluate.enabled=false", "export.litert=false", "export.int8_onnx=false"], 600, 140.0),
+        # every export: LiteRT and two int8 variants, each 256 calibration images + 300 gated
+        (["evaluate.enabled=false"], 600 + 2 * 556, 180.0),
+        # the quick report: 2 x 300 test, 300 val, 1,400 corrupted, 4,500 attack passes
+        (["export.enabled=false"], 300 + 600 + 300 + 1400 + 4500, 20.0),
+    ],
+)
+def test_what_follows_training_is_charged_to_the_budget(overrides, images, fixed):
+    cfg = load_config(None, ["data.dataset=./photos", *overrides])
+    assert recipe_module.after_training(cfg, PHOTOS) == (images, fixed)
