@@ -288,6 +288,13 @@ class Recipe:
         log.info("recipe (%s):\n%s", stage, self.table())
 
 
+def data_settings(cfg: Config, accelerator: bool = False) -> Config:
+    """`cfg` with the auto settings the data pipeline reads (batch, resolution) chosen, for
+    tools that read the data without training (tlkeras.doctor); no budget applies."""
+    runtime = dataclasses.replace(cfg.runtime, time_budget_minutes=None)
+    return Recipe(dataclasses.replace(cfg, runtime=runtime), accelerator=accelerator).before_data(survey(cfg.data))
+
+
 def after_training(cfg: Config, data: Survey) -> tuple[int, float]:
     """(frozen-speed forward passes, fixed seconds) of what follows training: the test
     split, the quick trust report (clean + TTA, val calibration, 7 x 5 corruptions of 40
