@@ -9,8 +9,34 @@ from tlkeras.errors import ConfigError
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+# default.yaml is the GPU recipe with every setting explicit: the "auto" defaults
+# (tlkeras.recipe) at the values they had before recipes.
+GPU_RECIPE = [
+    "data.batch_size=256",
+    "model.resolution=224",
+    "head.epochs=5",
+    "finetune.epochs=10",
+    "finetune.learning_rate=1e-5",
+    "finetune.unfreeze=all",
+]
+
+
 def test_defaults_match_default_yaml():
-    assert load_config(CONFIGS / "default.yaml") == Config()
+    assert load_config(CONFIGS / "default.yaml") == load_config(None, GPU_RECIPE)
+    auto = {k for k, v in to_flat_dict(Config()).items() if v == "auto"} - {
+        "runtime.strategy",
+        "runtime.mixed_precision",
+    }
+    assert auto == {item.split("=")[0] for item in GPU_RECIPE}
+
+
+def test_auto_settings_parse_and_explicit_values_stay():
+    cfg = load_config(None, ["data.batch_size=auto", "head.epochs=7", "finetune.learning_rate=auto"])
+    assert (cfg.data.batch_size, cfg.head.epochs, cfg.finetune.learning_rate) == ("auto", 7, "auto")
+    with pytest.raises(ConfigError, match="'data.batch_size' must be int or 'auto', got 'big'"):
+        load_config(None, ["data.batch_size=big"])
+    with pytest.raises(ConfigError, match="must be greater than 0"):
+        load_config(None, ["runtime.time_budget_minutes=0"])
 
 
 @pytest.mark.parametrize("name", ["smoke.yaml", "cpu.yaml", "cpu_10pct.yaml", "hymenoptera.yaml", "flowers.yaml"])
@@ -64,8 +90,8 @@ def test_resolved_config_round_trips(tmp_path):
     [
         ("data.batchsize=64", "unknown config key 'data.batchsize'; did you mean 'data.batch_size'?"),
         ("modle.weights=null", "unknown config key 'modle'"),
-        ("head.epochs=three", "config key 'head.epochs' must be int, got 'three'"),
-        ("head.epochs=true", "config key 'head.epochs' must be int, got True"),
+        ("head.epochs=three", "config key 'head.epochs' must be int or 'auto', got 'three'"),
+        ("head.epochs=true", "config key 'head.epochs' must be int or 'auto', got True"),
         ("data.download=maybe", "config key 'data.download' must be bool"),
         ("head.epochs=0", "head.epochs=0 must be greater than 0"),
         ("data.batch_size=-8", "data.batch_size=-8 must be greater than 0"),

@@ -16,6 +16,7 @@ def _run(root, name, backbone, train, minutes, accuracy, finished=True):
         [
             f"model.backbone={backbone}",
             "model.resolution=96",
+            "finetune.epochs=10",  # a run before recipes: no recipe.yaml, every value in config.yaml
             "finetune.unfreeze=block_13" if backbone == "mobilenet_v2" else "finetune.unfreeze=block3",
         ],
     )

@@ -178,3 +178,142 @@ def test_tf_config_problem(text, problem):
 
     found = tf_config_problem(text)
     assert found == problem if problem is None else problem in found
+
+
+# ------------------------------------------------------------------ auto recipe
+
+from tlkeras.policies import (  # noqa: E402
+    auto_batch_size,
+    auto_epochs,
+    auto_finetune_rate,
+    auto_resolution,
+    auto_unfreeze,
+    bit_steps,
+    plan_budget,
+)
+
+
+@pytest.mark.parametrize(
+    "num_train, replicas, accelerator, expected",
+    [
+        (30, 1, False, 8),  # the floor: never below 8
+        (220, 1, False, 16),  # hymenoptera: 220 / 8 = 27 -> 16
+        (3020, 1, False, 64),  # flowers: capped at 64 on a CPU
+        (45000, 1, False, 64),
+        (45000, 1, True, 128),  # 128 per accelerator
+        (45000, 2, True, 256),
+        (220, 2, True, 16),
+        (30, 3, False, 6),  # a multiple of the replicas
+        (100, 16, True, 16),  # at least one image per replica
+    ],
+)
+def test_auto_batch_size(num_train, replicas, accelerator, expected):
+    batch, reason = auto_batch_size(num_train, replicas, accelerator)
+    assert batch == expected and batch % replicas == 0 and reason
+
+
+@pytest.mark.parametrize(
+    "short_side, backbone, accelerator, expected",
+    [
+        (375, "vgg16", False, 160),  # photos on a CPU: the CPU size
+        (375, "vgg16", True, 224),  # on a GPU: the native size
+        (375, "mobilenet_v2", False, 160),
+        (None, "vgg16", False, 160),  # unknown: as large photos
+        (128, "vgg16", False, 128),  # flowers_128px: no upscaling
+        (128, "vgg16", True, 128),
+        (100, "vgg16", False, 96),  # a multiple of 32, not past the photos
+        (150, "vgg16", True, 160),
+        (32, "vgg16", False, 64),  # CIFAR-10: tiny images upscaled 2x
+        (32, "vgg16", True, 64),
+        (10, "vgg16", False, 32),  # never below 32
+    ],
+)
+def test_auto_resolution_never_upscales_far_past_the_images(short_side, backbone, accelerator, expected):
+    assert auto_resolution(short_side, backbone, accelerator)[0] == expected
+
+
+@pytest.mark.parametrize(
+    "num_train, expected", [(100, 500), (19_999, 500), (20_000, 10_000), (499_999, 10_000), (500_000, 20_000)]
+)
+def test_bit_buckets(num_train, expected):
+    assert bit_steps(num_train) == expected
+
+
+@pytest.mark.parametrize(
+    "num_train, batch, accelerator, head, finetune",
+    [
+        (220, 16, False, 20, 10),  # tiny: both at their caps
+        (3020, 64, False, 20, 3),  # 256,000 / 32 images seen -> 2.6 epochs
+        (5000, 64, False, 20, 2),
+        (45000, 64, False, 20, 4),  # the 10k-step bucket
+        (600_000, 64, False, 18, 1),
+        (3020, 128, True, 20, 30),  # accelerator: BiT's images seen, capped at 30 epochs
+        (600_000, 256, True, 18, 17),
+    ],
+)
+def test_auto_epochs_from_bit_buckets(num_train, batch, accelerator, head, finetune):
+    (h, _), (f, _) = auto_epochs(num_train, batch, accelerator)
+    assert (h, f) == (head, finetune)
+
+
+@pytest.mark.parametrize(
+    "num_train, probe, backbone, accelerator, unfreeze, rate",
+    [
+        (220, 0.5, "vgg16", False, "block5", 1e-5),  # tiny data: top block, whatever the probe
+        (220, 0.95, "mobilenet_v2", False, "block_13", 1e-5),
+        (3000, 0.95, "vgg16", False, "block5", 1e-5),  # close to ImageNet: shallow and slow
+        (3000, 0.8, "vgg16", False, "block4", 3e-5),
+        (3000, 0.8, "mobilenet_v2", False, "block_6", 3e-5),
+        (3000, 0.6, "vgg16", False, "block4", 1e-4),  # far from ImageNet: deep (for a CPU), faster
+        (3000, 0.6, "vgg16", True, "all", 1e-4),
+        (3000, 0.6, "mobilenet_v2", False, "all", 1e-4),
+        (3000, None, "vgg16", False, "block4", 1e-4),  # before phase 1: from the size alone
+    ],
+)
+def test_auto_unfreeze_and_rate(num_train, probe, backbone, accelerator, unfreeze, rate):
+    assert auto_unfreeze(num_train, probe, backbone, accelerator)[0] == unfreeze
+    assert auto_finetune_rate(num_train, probe)[0] == rate
+
+
+PLAN = dict(
+    counts=(1000, 100),
+    reference=160,
+    resolutions=[160, 128, 96],
+    head_epochs=10,
+    finetune_epochs=5,
+    after_images=1000,
+    fixed_s=50,
+    mirrored=False,
+    margin=1.0,
+)
+
+
+@pytest.mark.parametrize(
+    "budget_s, feature_ips, finetune_ips, expected",
+    [
+        # head 1100/100 + 5 = 16 s, after 1000/100 + 50 = 60 s; an epoch 1000/20 + 1 = 51 s
+        (1000, 100, {"block3": 20, "block5": 50}, (160, "block3", 5)),
+        # 300 s: 4 deep epochs at 160 (220 s left / 51 s); deep stays first
+        (300, 100, {"block3": 20, "block5": 50}, (160, "block3", 4)),
+        # 150 s: 1 deep epoch at 160, 2 at 128 (32 s each): two epochs win over resolution
+        (150, 100, {"block3": 20}, (128, "block3", 2)),
+        # 150 s with a cheap top block: 2 deep epochs fit nowhere at 160, but do at 128
+        (150, 100, {"block3": 20, "block5": 80}, (128, "block3", 2)),
+        # 100 s: 96 pixels cost 0.36x: two deep epochs (18.4 s each) still fit there
+        (100, 100, {"block3": 20, "block5": 80}, (96, "block3", 2)),
+        # 80 s: no deep epoch fits anywhere; the top block does, three times at 96
+        (80, 100, {"block3": 20, "block5": 80}, (96, "block5", 3)),
+        # 70 s: phase 1 and the test do not fit at 160; at 128 they do, with no fine-tuning
+        (70, 100, {"block3": 20}, (128, "block3", 0)),
+    ],
+)
+def test_plan_budget_picks_the_largest_recipe_that_fits(budget_s, feature_ips, finetune_ips, expected):
+    plan = plan_budget(budget_s, feature_ips=feature_ips, finetune_ips=finetune_ips, **PLAN)
+    assert plan["fits"] and (plan["resolution"], plan["unfreeze"], plan["finetune_epochs"]) == expected
+    assert plan["estimate_s"] <= budget_s
+
+
+def test_plan_budget_says_what_phase_1_needs_when_nothing_fits():
+    plan = plan_budget(30, feature_ips=100, finetune_ips={"block5": 50}, **PLAN)
+    # at 96: head 1100 / 277.8 + 5 = 9 s, after 1000 / 277.8 + 50 = 53.6 s
+    assert not plan["fits"] and plan["need_s"] == pytest.approx(62.56, abs=0.05)

@@ -224,10 +224,10 @@ def bench_data(run_dir: Path | None, quick: bool):
     if run_dir is not None:
         import dataclasses
 
-        from tlkeras.config import load_config
+        from tlkeras import rundir
         from tlkeras.data import load_split
 
-        cfg = dataclasses.replace(load_config(run_dir / "config.yaml").data, download=False)
+        cfg = dataclasses.replace(rundir.load_run_config(run_dir).data, download=False)
         n = 1000 if quick else 10000
         try:
             cal = np.stack([e["image"].numpy() for e in load_split(cfg, "train[:256]", "train_split")])
@@ -621,11 +621,11 @@ def run_config(run_dir: Path | None):
     """The run's config, to bench on its data, weights, resolution and unfreeze setting."""
     if run_dir is None:
         return None
-    from tlkeras.config import load_config
+    from tlkeras import rundir
     from tlkeras.rundir import check_run
 
     check_run(run_dir, finished=False)
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = rundir.load_run_config(run_dir)
     if cfg.data.dataset != "cifar10":
         # Its baselines (the keras.io recipe on tfds CIFAR-10, int8 calibration) are CIFAR-10's.
         raise UserError(

@@ -18,13 +18,19 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from tlkeras.bases import BASES
 from tlkeras.errors import ConfigError
 from tlkeras.policies import unfreeze_start
+
+# A setting typed `int | Auto` (or `float | Auto`) is chosen per run by tlkeras.recipe from
+# the data, the machine and runtime.time_budget_minutes, unless the config or --set gives
+# a value; the run folder's recipe.yaml holds what was chosen and why (docs/recipes.md).
+Auto = Literal["auto"]
+AUTO: Auto = "auto"
 
 
 @dataclass
@@ -50,14 +56,14 @@ class DataConfig:
     # (aspect ratio kept, edges of non-square images cropped). null: the dataset's own
     # square size (32 for CIFAR-10), else model.resolution.
     storage_size: int | None = None
-    batch_size: int = 256  # global: split evenly across replicas
+    batch_size: int | Auto = AUTO  # global: split evenly across replicas; auto: from the train images
     shuffle_buffer: int = 10_000  # training examples shuffled at a time (per epoch, seeded)
     augment: bool = True  # random flip + random translation (S/8), train split only
     # Keep the decoded uint8 images in memory after the first pass (CIFAR-10: 180 MB).
     # auto: only when all splits fit in half the available memory (MemAvailable), else read
     # every epoch from the prepared shards (folders) or tfds's records; true: always, refused
     # up front when they cannot fit; false: never.
-    cache: bool | str = "auto"
+    cache: bool | Auto = AUTO
     # Where folders are prepared (decoded once into TFRecord shards at S); null: the tlkeras
     # cache (~/.cache/tlkeras/prepared, or $TLKERAS_CACHE_DIR/prepared). See docs/scale.md.
     prepared_dir: str | None = None
@@ -79,7 +85,10 @@ class ModelConfig:
     # "imagenet", null (random init) or a path to the backbone's notop weights file
     # (.h5 or Keras 3 .weights.h5; tlkeras.bases.BASES names the Keras file of each)
     weights: str | None = "imagenet"
-    resolution: int = 224  # the model's input resolution: the data's S x S images are resized to this inside the model
+    # The model's input resolution: the data's S x S images are resized to this inside the
+    # model. auto: the base's 224 on an accelerator, 160 on a CPU, never far past the
+    # images' own median short side.
+    resolution: int | Auto = AUTO
     head_units: int = 256  # the head's dense layer, between the pooled features and the softmax
     dropout: float = 0.5  # before the softmax layer
 
@@ -88,7 +97,8 @@ class ModelConfig:
 class HeadConfig:
     """Phase 1: the base is frozen, only the new head trains on its features, computed once."""
 
-    epochs: int = 5  # on the cached features: seconds each on a CPU
+    # On the cached features: seconds each on a CPU. auto: BiT-style bucket of the dataset size.
+    epochs: int | Auto = AUTO
     learning_rate: float = 1e-3  # Adam, constant
     # With data.augment, also compute the features of the mirrored training images (twice
     # the extraction time): the one augmentation that survives caching.
@@ -99,10 +109,16 @@ class HeadConfig:
 class FinetuneConfig:
     """Phase 2: unfreeze and fine-tune at a low rate (0 epochs skips the phase)."""
 
-    epochs: int = 10  # 0 skips the phase; the epoch count continues from phase 1's
-    learning_rate: float = 1e-5  # peak, reached after warm-up, then cosine decay to 0
+    # 0 skips the phase; the epoch count continues from phase 1's. auto: BiT-style bucket
+    # of the dataset size, scaled down on a CPU.
+    epochs: int | Auto = AUTO
+    # Peak, reached after warm-up, then cosine decay to 0. auto: 1e-5 to 1e-4 from the
+    # dataset size and the frozen features' val accuracy after phase 1.
+    learning_rate: float | Auto = AUTO
     warmup_epochs: float = 1.0  # protects the freshly trained head from large early updates
-    unfreeze: str = "all"  # "all", a block ("block4") or a layer ("block5_conv1") and above
+    # "all", a block ("block4") or a layer ("block5_conv1") and above; auto: from the
+    # dataset size and the frozen features' val accuracy after phase 1.
+    unfreeze: str = AUTO
     # Adversarial fine-tuning: every batch is replaced by FGSM examples from a random start
     # (Wong et al. 2020), about 2x the phase's time; the best epoch is then picked by PGD-10
     # accuracy at `epsilon` on the first robust_check_images validation images (the guard
@@ -133,6 +149,10 @@ class RuntimeConfig:
     # Multi-worker: seconds a worker waits for its peers to answer before it stops with
     # an error naming them (rather than hanging).
     peer_timeout_s: float = 600.0
+    # Fit the auto settings to this many minutes of wall time (test, report and export
+    # included), after measuring this machine's speed for a few seconds; training stops at
+    # a step boundary and ships the best weights if the estimate was wrong. null: no budget.
+    time_budget_minutes: float | None = None
 
 
 @dataclass
@@ -217,6 +237,7 @@ POSITIVE = (
     "runtime.peer_timeout_s",
     "export.calibration_images",
     "export.int8_test_images",
+    "runtime.time_budget_minutes",
     "finetune.epsilon",
     "finetune.step_size",
     "finetune.robust_check_images",
@@ -268,10 +289,10 @@ def validate(cfg: Config) -> None:
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}={value} must be a finite number")
     for key in POSITIVE:
-        if flat[key] is not None and flat[key] <= 0:
+        if flat[key] not in (None, AUTO) and flat[key] <= 0:
             raise ConfigError(f"{key}={flat[key]} must be greater than 0")
     for key in NON_NEGATIVE:
-        if flat[key] < 0:
+        if flat[key] != AUTO and flat[key] < 0:
             raise ConfigError(f"{key}={flat[key]} must be 0 or more")
     if not (
         0 <= cfg.data.val_fraction < 1
@@ -282,14 +303,13 @@ def validate(cfg: Config) -> None:
             f"data.val_fraction={cfg.data.val_fraction} and data.test_fraction="
             f"{cfg.data.test_fraction} must each be in [0, 1) and leave some training data"
         )
-    if isinstance(cfg.data.cache, str) and cfg.data.cache != "auto":
-        raise ConfigError(f"data.cache={cfg.data.cache!r} is not one of auto, true, false")
     if not cfg.data.dataset:
         raise ConfigError("data.dataset is empty; give a tfds name (cifar10) or a folder path")
     if not 0 <= cfg.model.dropout < 1:
         raise ConfigError(f"model.dropout={cfg.model.dropout} must be in [0, 1)")
     base = BASES[cfg.model.backbone]
-    unfreeze_start(base.layers, base.blocks, cfg.finetune.unfreeze, base.label)  # now, not after phase 1
+    if cfg.finetune.unfreeze != AUTO:  # now, not after phase 1
+        unfreeze_start(base.layers, base.blocks, cfg.finetune.unfreeze, base.label)
     if not 0 <= cfg.seed < 2**32:  # Keras's set_random_seed range
         raise ConfigError(f"seed={cfg.seed} must be between 0 and 2**32 - 1")
     if cfg.name is not None and (not re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.name) or cfg.name in (".", "..")):
@@ -301,7 +321,7 @@ def validate(cfg: Config) -> None:
             f"export.name={cfg.export.name!r} must be a plain folder name (letters, digits, "
             f"'_', '-', '.') other than 'onnx' and 'litert', e.g. tlkeras"
         )
-    if cfg.model.resolution < 32:
+    if cfg.model.resolution != AUTO and cfg.model.resolution < 32:
         raise ConfigError(f"model.resolution={cfg.model.resolution} must be at least 32")
     if cfg.doctor.folds < 2:
         raise ConfigError(f"doctor.folds={cfg.doctor.folds} must be at least 2")
@@ -485,10 +505,13 @@ def _build(cls: type, tree: dict, prefix: str):
 
 
 def _check_type(key: str, value: Any, kind: Any) -> Any:
-    allowed = typing.get_args(kind) if isinstance(kind, types.UnionType) else (kind,)
+    union = isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
+    allowed = typing.get_args(kind) if union else (kind,)
     if value is None and type(None) in allowed:
         return None
     for t in allowed:
+        if typing.get_origin(t) is Literal and value in typing.get_args(t):
+            return value
         # bool is an int in Python, but `epochs: true` is a mistake, not 1.
         if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -501,5 +524,7 @@ def _check_type(key: str, value: Any, kind: Any) -> Any:
             return value
         if t in (str, bool) and isinstance(value, t):
             return value
-    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    names = " or ".join(
+        "null" if t is type(None) else " or ".join(map(repr, typing.get_args(t))) or t.__name__ for t in allowed
+    )
     raise ConfigError(f"config key '{key}' must be {names}, got {value!r}")

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tlkeras.config import DataConfig, is_folder
+from tlkeras.config import AUTO, DataConfig, is_folder
 from tlkeras.errors import ConfigError, UserError
 from tlkeras.images import (
     FORMAT_NAMES,
@@ -40,7 +40,7 @@ from tlkeras.images import (
     shown,
     sniff_file,
 )
-from tlkeras.policies import assign_splits, carve_counts, storage_size
+from tlkeras.policies import assign_splits, auto_batch_size, carve_counts, storage_size
 from tlkeras.prepare import check_cache_fits, choose_cache, prepare_files, prepared_root, read_prepared
 
 log = logging.getLogger("tlkeras")
@@ -832,8 +832,10 @@ def make_datasets(cfg: DataConfig, seed: int = 0, model_size: int = 224) -> Spli
         excluded=excluded,
     )
     transform = (lambda x, y, s: (augment(x, s), y)) if cfg.augment else None
-    epochs = seeded_epochs(train, cfg.batch_size, seed, min(cfg.shuffle_buffer, counts[0]), transform)
-    batched = [d.batch(cfg.batch_size).prefetch(auto) for d in (train, val, test)]
+    # "auto" outside a training run (which resolves it first, tlkeras.recipe): from the count.
+    batch = auto_batch_size(counts[0])[0] if cfg.batch_size == AUTO else cfg.batch_size
+    epochs = seeded_epochs(train, batch, seed, min(cfg.shuffle_buffer, counts[0]), transform)
+    batched = [d.batch(batch).prefetch(auto) for d in (train, val, test)]
     return Splits(epochs(0, 1), *batched, info, epochs, files)
 
 

@@ -278,12 +278,14 @@ def examine(cfg, run_dir: Path, argv: list[str] = ()) -> dict[str, Any]:
     """The whole report of `cfg.data` in `run_dir`: doctor.json, flagged.csv and a gallery
     PNG per issue kind. Returns doctor.json's content."""
     import keras
+    import tensorflow as tf
 
     from tlkeras import rundir
     from tlkeras.config import dump_yaml
     from tlkeras.data import make_datasets, read_errors
     from tlkeras.files import atomic, write_atomic, write_json
     from tlkeras.model import build_model, split_at_features
+    from tlkeras.recipe import data_settings
     from tlkeras.training import compute_features
 
     start = time.perf_counter()
@@ -297,6 +299,8 @@ def examine(cfg, run_dir: Path, argv: list[str] = ()) -> dict[str, Any]:
         with rundir.locked(run_dir):
             write_atomic(run_dir / "config.yaml", dump_yaml(cfg))
             keras.utils.set_random_seed(cfg.seed)
+            # The batch and resolution a training run would choose (tlkeras.recipe).
+            cfg = data_settings(cfg, accelerator=bool(tf.config.list_physical_devices("GPU")))
             data_cfg = dataclasses.replace(cfg.data, augment=False, cache=False)  # each image is read once
             splits = make_datasets(data_cfg, cfg.seed, cfg.model.resolution)
             info = splits.info

@@ -382,13 +382,12 @@ def export_run(
 
     `overrides`: export.* settings over the run's own (e.g. export.int8_max_drop=2)."""
     from tlkeras import rundir
-    from tlkeras.config import load_config
 
     rundir.check_run(run_dir, finished=False)  # model.keras is enough (load_run checks it)
     bad = [item for item in overrides if not item.startswith("export.")]
     if bad:
         raise UserError(f"--set {bad[0]}: only export.* settings can be changed here (the run is trained)")
-    cfg = load_config(run_dir / "config.yaml", list(overrides))
+    cfg = rundir.load_run_config(run_dir, list(overrides))
     base = base or Path(cfg.export.base or run_dir / "export")  # where training exports
     with rundir.locked(base, "export base"):  # one writer: versions are numbered by what is there
         _, info, model = rundir.load_run(run_dir)

@@ -194,11 +194,10 @@ def check(run_dir: Path, reference: dict[str, Any] | None) -> dict[str, Any]:
 
     from tlkeras import model as _  # noqa: F401  registers the preprocessing layers for load_model
     from tlkeras import rundir
-    from tlkeras.config import load_config
     from tlkeras.export import TOLERANCE, run_onnx, run_tf1_session
     from tlkeras.model import fold_temperature
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = rundir.load_run_config(run_dir)
     with (run_dir / "metrics.csv").open() as f:
         epochs = [int(float(r["epoch"])) for r in csv.DictReader(f)]
     result: dict[str, Any] = {

@@ -25,7 +25,7 @@ from tlkeras.rundir import DATASET, SUMMARY, atomic, check_run
 def read_point(run_dir: Path) -> dict[str, Any]:
     """One run's point. Raises ValueError with the reason when `run_dir` is not a finished
     run folder (no summary.json: not finished) or its files are unreadable."""
-    from tlkeras.config import load_config
+    from tlkeras import rundir
 
     try:
         check_run(run_dir)
@@ -33,7 +33,7 @@ def read_point(run_dir: Path) -> dict[str, Any]:
         raise ValueError(str(e)) from None
     try:
         summary = json.loads((run_dir / SUMMARY).read_text())
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = rundir.load_run_config(run_dir)
         dataset = json.loads((run_dir / DATASET).read_text())
         return {
             "run": str(run_dir),

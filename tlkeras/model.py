@@ -10,6 +10,7 @@ A second base is one row of tlkeras.bases.BASES and its input transform in PREPR
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING
 import keras
 
 from tlkeras.bases import BASES, Base
-from tlkeras.config import ModelConfig
+from tlkeras.config import AUTO, ModelConfig
 from tlkeras.errors import UserError
 from tlkeras.policies import unfreeze_start
 
@@ -110,6 +111,8 @@ def build_model(cfg: ModelConfig, info: DatasetInfo, load_weights: bool = True) 
     Input: uint8 RGB [batch, S, S, 3], S = info.storage_size (the data's storage size);
     output: float32 softmax probabilities [batch, info.num_classes].
     """
+    if cfg.resolution == AUTO:  # outside a training run (which resolves it first): the base's own size
+        cfg = dataclasses.replace(cfg, resolution=BASES[cfg.backbone].native_resolution)
     base = build_base(cfg.backbone, cfg.weights if load_weights else None, cfg.resolution)
     base.trainable = False
     size = info.storage_size

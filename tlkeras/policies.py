@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from tlkeras.bases import BASES
 from tlkeras.errors import ConfigError
 
 
@@ -178,3 +179,182 @@ def assign_splits(available: list[str], explicit: dict[str, str | None]) -> dict
     if roles["val"] is None and "validation" in free:
         roles["val"] = "validation"
     return roles
+
+
+# ------------------------------------------------------------------ auto recipe
+# The policies behind the "auto" settings (tlkeras.recipe applies them; docs/recipes.md).
+# Each returns (value, reason): the reason is logged and written to recipe.yaml.
+
+# A 2-core CPU cannot afford the bases' native 224x224 in a few minutes: VGG16 costs
+# 15.3 G multiply-adds per image there; 160 costs half, 128 a third.
+CPU_RESOLUTION = {"vgg16": 160, "mobilenet_v2": 160}
+# Each base's top block (tiny data, or features already close to the data), a middle
+# block, and the deepest point fine-tuned on a CPU: a VGG16 training step from block4 costs
+# about 1.8x its frozen forward pass, from block3 2.4x, from block1 3x (multiply-adds per
+# block at 224: 1.9, 2.8, 4.6, 4.6, 1.4 G), so a few thousand photos fine-tune for 3
+# epochs in about 10 minutes on 2 cores from block4.
+TOP_BLOCK = {"vgg16": "block5", "mobilenet_v2": "block_13"}
+MIDDLE_BLOCK = {"vgg16": "block4", "mobilenet_v2": "block_6"}
+DEEP = {"vgg16": "block4", "mobilenet_v2": "all"}
+
+
+def auto_batch_size(num_train: int, replicas: int = 1, accelerator: bool = False) -> tuple[int, str]:
+    """Global batch: a power of two at most 1/8 of the training images (at least 8
+    updates per epoch), at least 8 (and one per replica), at most 64 per replica on a CPU
+    (small batches: more updates for the same images/s) or 128 on an accelerator;
+    always a multiple of `replicas`."""
+    cap = (128 if accelerator else 64) * replicas
+    batch = 8
+    while batch * 2 <= min(num_train / 8, cap):
+        batch *= 2
+    batch = max(batch, replicas)
+    batch -= batch % replicas
+    return batch, f"{num_train} train images / 8, power of two in [8, {cap}]"
+
+
+def auto_resolution(short_side: int | None, backbone: str, accelerator: bool) -> tuple[int, str]:
+    """The model's input resolution: the base's native size on an accelerator, a CPU size
+    (CPU_RESOLUTION) on a CPU, but never far past the images' own median short side
+    (`short_side`; None: unknown, taken as large): photos are not upscaled beyond their
+    size (rounded to a multiple of 32), except tiny images (under 64 pixels), which are
+    upscaled 2x (CIFAR-10 at 64x64 beats 32x32 by 10+ points with VGG16, README)."""
+    target = BASES[backbone].native_resolution if accelerator else CPU_RESOLUTION[backbone]
+    where = f"{'native size on an accelerator' if accelerator else 'CPU size'} {target}"
+    if short_side is None:
+        return target, f"{where}; image size unknown"
+    tiny = short_side < 64
+    ceiling = 2 * short_side if tiny else short_side
+    ceiling = max(32, (ceiling + 16) // 32 * 32)  # a multiple of 32: both bases halve the size 5 times
+    if ceiling < target:
+        how = "2x for tiny images" if tiny else "no upscaling"
+        return ceiling, f"images' median short side {short_side}px ({how}; {where})"
+    return target, f"{where}; images' median short side {short_side}px"
+
+
+# BiT HyperRule (Kolesnikov et al. 2020, "Big Transfer (BiT): General Visual Representation
+# Learning", section 3.3 and bit_hyperrule.py): fine-tune for 500 steps below 20k examples,
+# 10k steps below 500k, else 20k, at batch 512. Here the buckets are kept and counted in
+# images seen (steps x 512), divided by CPU_SCALE on a CPU, where one VGG16 image costs
+# about 50 ms to train: a few thousand photos fine-tune in minutes, not hours.
+BIT_BUCKETS = ((20_000, 500), (500_000, 10_000), (math.inf, 20_000))  # (examples below, steps at batch 512)
+BIT_BATCH = 512
+CPU_SCALE = 32
+HEAD_EPOCHS = (5, 20)  # phase 1 on cached features costs seconds an epoch: the bounds only keep it sane
+FINETUNE_EPOCHS = {False: (1, 10), True: (1, 30)}  # (min, max), by accelerator
+
+
+def bit_steps(num_train: int) -> int:
+    """BiT's fine-tuning steps at batch 512 for a dataset of `num_train` examples."""
+    return next(steps for below, steps in BIT_BUCKETS if num_train < below)
+
+
+def auto_epochs(num_train: int, batch: int, accelerator: bool) -> tuple[tuple[int, str], tuple[int, str]]:
+    """((head epochs, reason), (fine-tuning epochs, reason)) from the BiT bucket of the
+    dataset size, converted from images seen to epochs of `num_train` at `batch`.
+
+    Phase 1 takes BiT's whole bucket (its features are computed once, an epoch costs a
+    fraction of a second per thousand images), bounded by HEAD_EPOCHS; phase 2 takes it
+    divided by CPU_SCALE on a CPU, bounded by FINETUNE_EPOCHS."""
+    num_train = max(num_train, 1)
+    steps = bit_steps(num_train)
+    seen = steps * BIT_BATCH
+    bucket = f"BiT bucket {steps} steps x {BIT_BATCH} for {num_train} images"
+    head_lo, head_hi = HEAD_EPOCHS
+    head = min(max(math.ceil(seen / num_train), head_lo), head_hi)
+    ft_seen = seen if accelerator else seen / CPU_SCALE
+    ft_lo, ft_hi = FINETUNE_EPOCHS[accelerator]
+    finetune = min(max(round(ft_seen / num_train), ft_lo), ft_hi)
+    scale = "" if accelerator else f" / {CPU_SCALE} (CPU)"
+    steps_each = steps_per_epoch(num_train, batch)
+    return (
+        (head, f"{bucket}, within {head_lo}-{head_hi} epochs ({steps_each} steps each)"),
+        (finetune, f"{bucket}{scale}, within {ft_lo}-{ft_hi} epochs"),
+    )
+
+
+def auto_unfreeze(num_train: int, probe_accuracy: float | None, backbone: str, accelerator: bool) -> tuple[str, str]:
+    """How deep phase 2 trains: the top block for tiny data (under 500 images: more
+    trainable weights than it can fit) or when the frozen features already separate the
+    classes (val accuracy after phase 1 >= 0.9: the data is close to ImageNet); a middle
+    block when the probe is fair (>= 0.75); otherwise deep (VGG16 from block4 on a CPU,
+    all layers on an accelerator; MobileNetV2 all layers)."""
+    probe = "unknown" if probe_accuracy is None else f"{probe_accuracy:.3f}"
+    if num_train < 500:
+        return TOP_BLOCK[backbone], f"tiny data ({num_train} train images): top block only"
+    if probe_accuracy is not None and probe_accuracy >= 0.9:
+        return TOP_BLOCK[backbone], f"frozen-feature val accuracy {probe} >= 0.9: close to ImageNet"
+    if probe_accuracy is not None and probe_accuracy >= 0.75:
+        return MIDDLE_BLOCK[backbone], f"frozen-feature val accuracy {probe} in [0.75, 0.9)"
+    deep = "all" if accelerator else DEEP[backbone]
+    return deep, f"frozen-feature val accuracy {probe} < 0.75: far from ImageNet"
+
+
+def auto_finetune_rate(num_train: int, probe_accuracy: float | None) -> tuple[float, str]:
+    """Adam's peak rate in phase 2, 10-100x below the head's 1e-3 (keras-io guide): 1e-5
+    when the features are already good (probe >= 0.9) or the data tiny (< 500 images);
+    3e-5 for a fair probe (>= 0.75); 1e-4 when the features must move (flowers_128px and
+    CIFAR-10 at 64x64 were hand-tuned to 1e-4, README)."""
+    probe = "unknown" if probe_accuracy is None else f"{probe_accuracy:.3f}"
+    if num_train < 500 or (probe_accuracy is not None and probe_accuracy >= 0.9):
+        return 1e-5, f"probe {probe}, {num_train} images: keep the features"
+    if probe_accuracy is not None and probe_accuracy >= 0.75:
+        return 3e-5, f"probe {probe} in [0.75, 0.9)"
+    return 1e-4, f"probe {probe} < 0.75: the features must move"
+
+
+HEAD_EPOCH_S = 0.5  # a phase-1 epoch on cached features: Keras's per-epoch work dominates (2 busy cores)
+
+
+def plan_budget(
+    budget_s: float,
+    counts: tuple[int, int],
+    feature_ips: float,
+    finetune_ips: dict[str, float],
+    reference: int,
+    resolutions: list[int],
+    head_epochs: int,
+    finetune_epochs: int,
+    after_images: int = 0,
+    fixed_s: float = 0.0,
+    mirrored: bool = True,
+    margin: float = 0.9,
+) -> dict:
+    """The largest recipe that fits `budget_s` seconds: a resolution, a fine-tuning depth
+    and a number of fine-tuning epochs. Pure: the throughputs are measured by the caller.
+
+    `counts`: (train, val) images; `feature_ips`: images/s of the frozen base at
+    `reference` pixels; `finetune_ips`: images/s of a fine-tuning step at `reference` for
+    each candidate depth, deepest first; `resolutions`: candidates, largest first (cost
+    scales with the pixel count); `fixed_s`: what does not scale (start-up, export), and
+    `finetune_epochs` the most worth running; `after_images`: the forward passes after
+    training (test split, quick report), charged at the frozen speed. Only `margin` of the
+    budget is planned, for the estimate's error.
+
+    Prefers, in order: fine-tuning epochs up to min(2, finetune_epochs) (one epoch of
+    fine-tuning beats a larger resolution without), the deeper depth, the larger
+    resolution, then more epochs. Returns {"fits": False, "need_s": ...}
+    when even phase 1 at the smallest resolution does not fit.
+    """
+    n_train, n_val = counts
+    plan_s = budget_s * margin
+    wanted = min(2, finetune_epochs)
+    best, need = None, math.inf
+    for depth_rank, (depth, ips) in enumerate(finetune_ips.items()):
+        for res_rank, res in enumerate(resolutions):
+            scale = (res / reference) ** 2
+            feat = feature_ips / scale
+            head_s = (n_train * (2 if mirrored else 1) + n_val) / feat + head_epochs * HEAD_EPOCH_S
+            after_s = after_images / feat + fixed_s
+            need = min(need, head_s + after_s)
+            left = plan_s - head_s - after_s
+            if left < 0:
+                continue
+            epoch_s = n_train / (ips / scale) + n_val / feat
+            epochs = min(finetune_epochs, int(left // epoch_s))
+            key = (min(epochs, wanted), -depth_rank, -res_rank, epochs)
+            if best is None or key > best[0]:
+                estimate = head_s + after_s + epochs * epoch_s
+                best = (key, {"resolution": res, "unfreeze": depth, "finetune_epochs": epochs, "estimate_s": estimate})
+    if best is None:
+        return {"fits": False, "need_s": need / margin}
+    return {"fits": True, **best[1]}

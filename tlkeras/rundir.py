@@ -2,6 +2,7 @@
 
 runs/<timestamp>-<name>/
   config.yaml  environment.json  train.log       written first / appended
+  recipe.yaml                                    the config with every "auto" resolved (tlkeras.recipe)
   dataset.json                                   DatasetInfo: class names, storage size, counts
   metrics.csv  tensorboard/                      one epoch axis across both phases
   checkpoints/{head,finetune}_best.weights.h5    best by validation accuracy
@@ -42,6 +43,7 @@ DATASET = "dataset.json"
 LOG = "train.log"
 MODEL = "model.keras"  # the shipped weights, float32
 REPORT = "report.json"  # the trust report (tlkeras.evaluate)
+RECIPE = "recipe.yaml"
 
 
 def default_run_dir(cfg: Config, kind: str = "") -> Path:
@@ -185,10 +187,9 @@ def load_run(run_dir: Path):
     finished run; UserError naming the file when one of them is damaged."""
     import keras
 
-    from tlkeras.config import load_config
     from tlkeras.model import build_model  # also registers the preprocessing layers
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir)
     info = load_dataset(run_dir)
     # Rebuilt in float32 whatever the training precision, as training's own export does.
     keras.mixed_precision.set_global_policy("float32")
@@ -207,6 +208,15 @@ def load_run(run_dir: Path):
     return cfg, info, model
 
 
+def load_run_config(run_dir: Path, overrides: list[str] = ()) -> Config:
+    """The settings a run trained with, every "auto" resolved: recipe.yaml, else config.yaml
+    (a run from before recipes); `overrides` (KEY=VALUE) on top."""
+    from tlkeras.config import load_config
+
+    recipe = run_dir / RECIPE
+    return load_config(recipe if recipe.exists() else run_dir / "config.yaml", overrides)
+
+
 def load_dataset(run_dir: Path):
     """The DatasetInfo a run was trained on, read back from its dataset.json."""
     from tlkeras.data import DatasetInfo
@@ -223,7 +233,7 @@ def load_dataset(run_dir: Path):
         ) from None
 
 
-STARTUP_FILES = {LOCK, "config.yaml", "environment.json", "train.log", DATASET}
+STARTUP_FILES = {LOCK, "config.yaml", "environment.json", "train.log", DATASET, RECIPE}
 
 
 def remove_if_unstarted(run_dir: Path) -> bool:

@@ -65,6 +65,7 @@ from tlkeras.policies import (
     steps_per_epoch,
     warmup_steps,
 )
+from tlkeras.recipe import DeadlineStop, Recipe, survey
 from tlkeras.resume import GracefulStop, StepBackup, state_bytes
 from tlkeras.robustness import FGSM_RS_STEP_FACTOR, PGD_STEPS, AdversarialFinetune, RobustAccuracyCheck
 
@@ -322,8 +323,10 @@ def fit_phase(
     epochs: int,
     init_weights: Path | None,
     stop: GracefulStop | None = None,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
-    """Trains one phase (resuming its backup if any, mid-epoch) and returns its record."""
+    """Trains one phase (resuming its backup if any, mid-epoch) and returns its record;
+    stops at the first step boundary after `deadline` (time.perf_counter), if given."""
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
     best_path = ckpt_dir / f"{phase}_best.weights.h5"
@@ -384,6 +387,7 @@ def fit_phase(
         strategy.num_replicas_in_sync,
     )
 
+    budget = [DeadlineStop(deadline)] if deadline is not None else []
     guard = []
     if adversarial:  # after CSVLogger: metrics.csv keeps the same columns in both phases
         n = cfg.finetune.robust_check_images
@@ -413,6 +417,7 @@ def fit_phase(
             initial_value_threshold=best_so_far,
         ),
         keras.callbacks.TensorBoard(str(run_dir / "tensorboard")),
+        *budget,
         # Last: an epoch counts as done only after its metrics row and best checkpoint
         # are written. Kept after fit until the phase record exists, so no kill loses the phase.
         backup,
@@ -460,6 +465,8 @@ def fit_phase(
         "images_per_second": round(epochs_run * splits.num_train / wall, 1) if epochs_run else None,
         "best_weights": str(best_path.relative_to(run_dir)),
     }
+    if budget and budget[0].stopped:
+        record["stopped_at_budget"] = True  # runtime.time_budget_minutes: the best epoch so far is kept
     if features_s is not None:  # phase 1 only: part of its wall time
         record["feature_extraction_s"] = round(features_s, 1)
     if adversarial:
@@ -576,6 +583,12 @@ def _train(
     precision = choose_precision(cfg.runtime.mixed_precision, len(gpus), read_cpu_flags())
     keras.mixed_precision.set_global_policy(precision)
     replicas = strategy.num_replicas_in_sync
+    # The "auto" settings, from the data, this machine and the time budget (tlkeras.recipe).
+    recipe = Recipe(cfg, replicas, accelerator=bool(gpus))
+    cfg = recipe.before_data(survey(cfg.data), start, run_dir if resuming else None)
+    recipe.log("before training")
+    if chief:
+        recipe.write(run_dir)
     per_replica = per_replica_batch(cfg.data.batch_size, replicas)
     log.info(
         "strategy %s, %d replica(s) x %d images, precision %s",
@@ -587,6 +600,7 @@ def _train(
 
     splits = make_datasets(cfg.data, cfg.seed, cfg.model.resolution)
     info = splits.info
+    recipe.observed(info.num_train, info.num_val)
     log.info(
         "data: %s (%s), %d classes, %s; %d train, %d val, %d test images",
         info.name,
@@ -622,14 +636,20 @@ def _train(
     records: dict[str, Any] = {}
     weights: Path | None = None
     epoch = 0
-    for phase, epochs in (("head", cfg.head.epochs), ("finetune", cfg.finetune.epochs)):
+    for phase in PHASES:
+        if phase == "finetune" and "head" in records:  # depth and rate from the frozen features' val accuracy
+            cfg = recipe.after_head(records["head"]["val_accuracy"])
+            recipe.log("after phase 1")
+            if chief:
+                recipe.write(run_dir)
+        epochs = getattr(cfg, phase).epochs
         if epochs == 0:  # finetune.epochs: 0 skips phase 2
             continue
         record = rundir.read_json(run_dir / "checkpoints" / f"{phase}.json")
         if record:
             log.info("%s: finished earlier (val_accuracy %.4f); not redone", phase, record["val_accuracy"])
         else:
-            record = fit_phase(phase, cfg, strategy, splits, run_dir, epoch, epochs, weights, stop)
+            record = fit_phase(phase, cfg, strategy, splits, run_dir, epoch, epochs, weights, stop, recipe.deadline)
         records[phase] = record
         weights = run_dir / record["best_weights"]
         epoch += epochs
@@ -733,6 +753,8 @@ def finish_run(
         "final_phase": final,
         "wall_time_s": round(time.perf_counter() - start, 1),
         **setup,
+        "recipe": rundir.RECIPE,  # the settings used, every "auto" resolved, with the reasons
+        "time_budget_minutes": cfg.runtime.time_budget_minutes,
         "weights_sha256": fingerprint,
         "temperature": temperature,  # fitted on val; folded into the exports with evaluate.fold_temperature
         "exports_calibrated": bool(cfg.evaluate.fold_temperature and temperature not in (None, 1.0)),
