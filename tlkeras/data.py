@@ -80,7 +80,6 @@ SYSTEM_FOLDERS = frozenset(
 )
 SYSTEM_FILES = ("thumbs.db", "ehthumbs.db", "desktop.ini", ".ds_store", ".picasa.ini")  # besides hidden files
 SPLIT_FOLDERS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
-SCAN_VERSION = 3  # bump when decoding changes, so cached scans are redone (3: ICC to sRGB, HEIF, AVIF)
 
 
 @dataclass(frozen=True)

@@ -283,10 +283,10 @@ def examine(cfg, run_dir: Path, argv: list[str] = ()) -> dict[str, Any]:
     from tlkeras import rundir
     from tlkeras.config import dump_yaml
     from tlkeras.data import make_datasets, read_errors
+    from tlkeras.features import compute_features
     from tlkeras.files import atomic, write_atomic, write_json
     from tlkeras.model import build_model, split_at_features
     from tlkeras.recipe import data_settings
-    from tlkeras.training import compute_features
 
     start = time.perf_counter()
     if (run_dir / REPORT).exists():

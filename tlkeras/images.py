@@ -63,6 +63,7 @@ EXTENSIONS = {
     "AVIF": (".avif", ".avifs"),
 }
 IMAGE_EXTENSIONS = tuple(ext for exts in EXTENSIONS.values() for ext in exts)
+DECODE_VERSION = 3  # bump when decode_file's output changes, so prepared folders are redone
 MAX_IMAGE_BYTES = 16 * 2**20
 MAX_IMAGE_PIXELS = 4096 * 4096  # refuse before decoding: a 30k x 30k PNG is 2.7 GB of RAM
 # Files read on the user's own machine (training folders, `predict`) may be larger: a

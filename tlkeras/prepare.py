@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlkeras.errors import ArgumentParser, UserError, run_cli, writing
-from tlkeras.images import FILE_LIMITS, ImageError, decode_file
+from tlkeras.images import DECODE_VERSION, FILE_LIMITS, ImageError, decode_file
 
 log = logging.getLogger("tlkeras")
 
@@ -84,10 +84,9 @@ def prepared_root(setting: str | None) -> Path:
 def folder_key(groups: list[tuple[str, list[Path]]], size: int) -> tuple[str, str]:
     """(folder prefix, key): the prefix names the folder and S (stale preparations of the same
     folder share it), the key adds every file's path, size and mtime, the decode version
-    (data.SCAN_VERSION) and PREPARE_VERSION. Paths hash as bytes: names need not be UTF-8."""
-    from tlkeras.data import SCAN_VERSION
+    (images.DECODE_VERSION) and PREPARE_VERSION. Paths hash as bytes: names need not be UTF-8."""
 
-    key = hashlib.sha256(f"{SCAN_VERSION}\t{PREPARE_VERSION}\t{size}".encode())
+    key = hashlib.sha256(f"{DECODE_VERSION}\t{PREPARE_VERSION}\t{size}".encode())
     for group, files in groups:
         for p in files:
             st = p.stat()
