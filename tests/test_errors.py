@@ -28,7 +28,7 @@ def sets(**extra):
     "extra, code, message",
     [
         ({"data.batchsize": "8"}, 2, "unknown config key 'data.batchsize'; did you mean 'data.batch_size'?"),
-        ({"head.epochs": "two"}, 2, "config key 'head.epochs' must be int, got 'two'"),
+        ({"head.epochs": "two"}, 2, "config key 'head.epochs' must be int or 'auto', got 'two'"),
         ({"head.epochs": "0"}, 2, "head.epochs=0 must be greater than 0"),
         ({"finetune.epochs": "-2"}, 2, "finetune.epochs=-2 must be 0 or more"),
         ({"data.batch_size": "0"}, 2, "data.batch_size=0 must be greater than 0"),

@@ -55,6 +55,11 @@ def _default(node: ast.expr | None, source: str) -> str:
             return "true" if node.value else "false"
         if isinstance(node.value, str):
             return node.value
+    if isinstance(node, ast.Name):  # a module-level constant, e.g. AUTO = "auto"
+        for statement in ast.parse(source).body:
+            target = getattr(statement, "target", None) or (getattr(statement, "targets", None) or [None])[0]
+            if getattr(target, "id", None) == node.id and isinstance(statement.value, ast.Constant):
+                return _default(statement.value, source)
     return (ast.get_source_segment(source, node) or "").replace("_", "")
 
 
