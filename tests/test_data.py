@@ -626,3 +626,23 @@ def test_a_folder_mixing_every_kind_trains_on_the_photos_a_person_counts(tmp_pat
         "2 hidden or system files skipped",
     ):
         assert part in line, line
+
+
+def test_split_file_names_follow_the_order_the_plain_splits_yield(tmp_path):
+    """The doctor names each feature row by Splits.files: file k must be image k of the
+    plain (unshuffled) split, in every role, also with more shards than one reader."""
+    import tensorflow as tf
+
+    from tlkeras.images import decode_file, fit_square
+
+    root = make_image_folder(tmp_path / "pets", {"cats": 40, "dogs": 30, "emus": 25})
+    splits = make(folder_cfg(root, storage_size=16, val_fraction=0.2, test_fraction=0.2, augment=False), seed=1)
+    for role, ds in (("train", splits.train_plain), ("val", splits.val), ("test", splits.test)):
+        images = np.concatenate([x for x, _ in ds.as_numpy_iterator()])
+        labels = np.concatenate([y for _, y in ds.as_numpy_iterator()])
+        names = splits.files[role]
+        assert len(names) == len(images)
+        for name, image, label in zip(names, images, labels):
+            expected = fit_square(tf.constant(decode_file(name)), 16).numpy()
+            assert np.array_equal(image, expected), (role, name)
+            assert splits.info.class_names[label] == Path(name).parent.name, (role, name)

@@ -253,6 +253,20 @@ POSITIVE = (
 NON_NEGATIVE = ("finetune.epochs", "finetune.warmup_epochs", "runtime.backup_minutes")
 
 
+def add_config_arguments(parser, example: str) -> None:
+    """`--config FILE` and repeatable `--set KEY=VALUE` (args.config, args.overrides), as
+    train, doctor and prepare take them; `example` is shown in --set's help."""
+    parser.add_argument("--config", help="YAML file listing settings that differ from the defaults")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override one setting, e.g. --set {example} (repeatable)",
+    )
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then each `key=value` override, validated."""
     tree: dict[str, Any] = {}

@@ -637,6 +637,8 @@ def _folder_source(cfg: DataConfig, model_size: int, seed: int):
             lists[role] = carved[role]
             source[role] = f"{where}, stratified {fractions[role == 'test']:.0%} (seed {seed})"
     lists, excluded = _leave_out(lists, exclude_list(cfg), root)
+    position = {p: i for i, p in enumerate(prepared.files)}  # the order read_prepared yields
+    lists = {role: sorted(pairs, key=lambda pair: position[str(pair[0])]) for role, pairs in lists.items()}
     members = {role: {os.path.realpath(p) for p, _ in pairs} for role, pairs in lists.items()}
     warn_overlap(list(members), lambda a, b: len(members[a] & members[b]), source)
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from tlkeras.config import add_config_arguments
 from tlkeras.console import quiet_libraries
 from tlkeras.errors import ArgumentParser, UserError, run_cli
 
@@ -546,16 +547,8 @@ def save_gallery(images: list[np.ndarray], rows: list[dict], issue: str, path: P
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m tlkeras.doctor", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML file listing settings that differ from the defaults")
+    add_config_arguments(parser, "data.dataset=./photos")
     parser.add_argument("--run-dir", type=Path, help="output folder (default runs/<time>-doctor-<name>)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one setting, e.g. --set data.dataset=./photos (repeatable)",
-    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser.parse_args(argv)
 

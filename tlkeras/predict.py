@@ -273,11 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--backend", choices=BACKENDS, help="default: guessed from --model")
     parser.add_argument(
-        "--top-k", type=int, default=3, help="classes to show per image (more than the model has: all, with a note)"
+        "--top-k",
+        type=int,
+        help="classes to show per image (default 3, or all if fewer; more than the model has: all, with a note)",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors and library logs")
     args = parser.parse_args(argv)
-    if args.top_k < 1:
+    if args.top_k is not None and args.top_k < 1:
         parser.error(f"--top-k {args.top_k} must be 1 or more")
     from tlkeras.console import quiet_libraries
 
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: {reason}", file=sys.stderr, flush=True)
                 failed = True
                 continue
-            if args.top_k > len(names) and not noted:
+            if args.top_k is not None and args.top_k > len(names) and not noted:
                 print(
                     f"note: --top-k {args.top_k} is more than the model's {len(names)} classes; "
                     f"showing all {len(names)}",
@@ -299,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 noted = True
-            (best,) = top_k(probabilities[np.newaxis], names, args.top_k)
+            (best,) = top_k(probabilities[np.newaxis], names, args.top_k or 3)
             print(f"{shown(path)}: " + ", ".join(f"{name} {p:.4f}" for name, p in best), flush=True)
         return 1 if failed else 0
 

@@ -34,6 +34,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlkeras.config import add_config_arguments
 from tlkeras.errors import ArgumentParser, UserError, run_cli, writing
 from tlkeras.images import DECODE_VERSION, FILE_LIMITS, ImageError, decode_file
 
@@ -273,8 +274,9 @@ def _write_shards(folder: Path, jobs, decoded, size: int, files: list[str], bad:
 
 
 def read_prepared(prepared: Prepared, pairs: list[tuple[Path, int]]):
-    """The (image uint8 [S, S, 3], label int64) examples of `pairs` from the shards, in shard
-    order: TFRecordDataset + interleave, parsing in the graph, no Python per image.
+    """The (image uint8 [S, S, 3], label int64) examples of `pairs` from the shards, in the
+    order of `prepared.files` (the shards one after another: callers that name examples,
+    such as the doctor, rely on it); parsing in the graph, no Python per image.
 
     Under MultiWorkerMirroredStrategy tf.data's AUTO sharding finds the file list here and
     gives every worker its own shard files (FILE policy); with fewer shard files than
@@ -297,12 +299,8 @@ def read_prepared(prepared: Prepared, pairs: list[tuple[Path, int]]):
         images = tf.reshape(tf.io.decode_raw(ex["image"], tf.uint8), [-1, size, size, 3])
         return images, tf.gather(labels, ex["index"])
 
-    ds = tf.data.Dataset.from_tensor_slices(shard_files).interleave(
-        tf.data.TFRecordDataset,
-        cycle_length=min(4, len(shard_files)),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
+    # One shard at a time keeps the files' order; the batched parse below is the parallel part.
+    ds = tf.data.Dataset.from_tensor_slices(shard_files).flat_map(tf.data.TFRecordDataset)
     # Parsed in batches of 64 (one op call per 64 records), then unbatched: a fast path.
     ds = ds.batch(64).map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
     ds = ds.filter(lambda x, y: y >= 0)
@@ -385,8 +383,7 @@ def prepare_config(cfg) -> Prepared:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = ArgumentParser(prog="python -m tlkeras.prepare", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML file listing settings that differ from the defaults")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser, "data.dataset=./photos")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args: argparse.Namespace = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -13,13 +13,14 @@ import logging
 import sys
 from pathlib import Path
 
+from tlkeras.config import add_config_arguments
 from tlkeras.console import quiet_libraries
 from tlkeras.errors import ArgumentParser, run_cli
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m tlkeras.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML file listing settings that differ from the defaults")
+    add_config_arguments(parser, "head.epochs=3")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--run-dir", type=Path, help="run folder (default runs/<time>-<name>)")
     where.add_argument(
@@ -27,14 +28,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="resume the latest unfinished run under runs/ (no summary.json) whose config equals this "
         "command's (same --config and --set); a finished run is never reused; with none, start a new run",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override one setting, e.g. --set head.epochs=3 (repeatable)",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     return parser.parse_args(argv)
