@@ -34,6 +34,7 @@ oneDNN itself stays on (TF_ENABLE_ONEDNN_OPTS is never touched): bfloat16 speed 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -52,6 +53,9 @@ HARMLESS = (
     "Could not find cuda drivers on your machine",
     "This TensorFlow binary is optimized to use available CPU instructions",
     "rebuild TensorFlow with the appropriate compiler flags",  # the second line of the above
+    # LiteRT: the converter's quantization summary and the interpreter's CPU delegate note
+    "fully_quantize: ",
+    "Created TensorFlow Lite XNNPACK delegate for CPU",
 )
 LIBRARY_LEVELS = {
     "tensorflow": logging.ERROR,  # deprecation and retracing notes: for tlkeras's developers
@@ -89,24 +93,34 @@ def quiet_libraries(debug: bool = False) -> None:
 
 
 def import_quietly(module: str) -> None:
-    """Imports `module` with fd 2 sent to a temporary file, then replays the captured
-    lines that match no HARMLESS pattern (also when the import fails).
-
-    A file, not a pipe: nothing reads a pipe during the import, and a full one would
-    block the writer. Only fd 2 of this process is touched, and only for the import.
-    """
+    """Imports `module` under native_stderr_filtered (see there)."""
     if module in sys.modules:
         return
+    with native_stderr_filtered():
+        importlib.import_module(module)
+
+
+@contextlib.contextmanager
+def native_stderr_filtered():
+    """Runs the block with fd 2 sent to a temporary file, then replays the captured lines
+    that match no HARMLESS pattern (also when the block fails): C++ libraries write their
+    notes straight to fd 2, past Python's logging. Off with --debug / TLKERAS_DEBUG.
+
+    A file, not a pipe: nothing reads a pipe during the block, and a full one would
+    block the writer. Only fd 2 of this process is touched, and only for the block.
+    """
     sys.stderr.flush()
     try:
-        saved = os.dup(2)
+        saved = None if debug_requested() else os.dup(2)
     except OSError:  # no fd 2 at all (a daemon): nothing to keep quiet
-        importlib.import_module(module)
+        saved = None
+    if saved is None:
+        yield
         return
     with tempfile.TemporaryFile() as capture:
         os.dup2(capture.fileno(), 2)
         try:
-            importlib.import_module(module)
+            yield
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from tlkeras.console import native_stderr_filtered
 from tlkeras.errors import UserError
 
 FLOAT_FILE = "model.tflite"
@@ -87,7 +88,8 @@ def convert(model, calibration: np.ndarray | None = None) -> bytes:
         converter.representative_dataset = lambda: ([image[np.newaxis]] for image in calibration)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.uint8
-    return converter.convert()
+    with native_stderr_filtered():  # the converter prints its quantization summary to fd 2
+        return converter.convert()
 
 
 def op_names(path_or_bytes: Path | bytes) -> set[str]:
@@ -271,9 +273,9 @@ def _interpreter(model: Path | str | bytes, threads: int | None = None):
     from ai_edge_litert.interpreter import Interpreter
 
     threads = threads or os.cpu_count() or 1
-    if isinstance(model, bytes):
-        return Interpreter(model_content=model, num_threads=threads)
-    return Interpreter(model_path=str(model), num_threads=threads)
+    source = {"model_content": model} if isinstance(model, bytes) else {"model_path": str(model)}
+    with native_stderr_filtered():  # the XNNPACK delegate's note, printed to fd 2
+        return Interpreter(**source, num_threads=threads)
 
 
 def runner(model: Path | str | bytes, threads: int | None = None):
@@ -285,7 +287,8 @@ def runner(model: Path | str | bytes, threads: int | None = None):
     def run(images: np.ndarray) -> np.ndarray:
         if batch[0] != len(images):
             it.resize_tensor_input(inp["index"], list(images.shape), strict=True)
-            it.allocate_tensors()
+            with native_stderr_filtered():  # the XNNPACK delegate's note, printed to fd 2
+                it.allocate_tensors()
             batch[0] = len(images)
         it.set_tensor(inp["index"], np.ascontiguousarray(images, dtype=np.uint8))
         it.invoke()
