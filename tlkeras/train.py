@@ -52,12 +52,16 @@ def main(argv: list[str] | None = None) -> int:
         from tlkeras.training import train_and_evaluate
 
         created = not run_dir.exists()
+        parent_created = not run_dir.parent.exists()  # runs/ on a first try
         try:
             train_and_evaluate(cfg, run_dir, argv)
         except UserError as e:
             # Bad data or weights, or a stop, before any training: leave no folder behind,
             # and then a stop's hint must not name it.
-            if created and remove_if_unstarted(run_dir) and isinstance(e, Preempted):
+            removed = created and remove_if_unstarted(run_dir)
+            if removed and parent_created and not any(run_dir.parent.iterdir()):
+                run_dir.parent.rmdir()
+            if removed and isinstance(e, Preempted):
                 raise e.nothing_saved() from None
             raise
 
