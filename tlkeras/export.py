@@ -436,26 +436,31 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         record = export_run(args.run_dir, args.base, args.name, args.parity_images, args.set)
-        checks = record["parity"]
-        print(f"SavedModel: {record['savedmodel']}\nONNX: {record['onnx']}")
-        for key, label in (("litert", "LiteRT"), ("litert_int8", "LiteRT int8"), ("onnx_int8", "ONNX int8")):
-            if record.get(key):
-                print(f"{label}: {record[key]}")
-        for kind, g in record.get("int8", {}).items():
-            if isinstance(g, dict):
-                print(
-                    f"int8 {kind}: {record['int8']['split']} accuracy {g['int8_accuracy']:.4f} (float "
-                    f"{g['float_accuracy']:.4f}, drop {g['drop_points']:+.2f} points, top-1 agreement "
-                    f"{g['top1_agreement']:.4f}): {'published' if g['published'] else 'not published'}"
-                )
-        for kind in checks:
-            c = checks[kind]
-            print(
-                f"parity {kind}: {c['images']} images, max |diff| {c['max_abs_diff']:.1e}, "
-                f"identical classes: {c['identical_classes']}"
-            )
+        print("\n".join(describe(record)))
 
     return run_cli(run, args.debug)
+
+
+def describe(record: dict[str, Any]) -> list[str]:
+    """An export record (export_model's) as the lines a user reads: each file, each int8
+    gate's measured accuracy and verdict, each parity check."""
+    lines = [f"SavedModel: {record['savedmodel']}", f"ONNX: {record['onnx']}"]
+    for key, label in (("litert", "LiteRT"), ("litert_int8", "LiteRT int8"), ("onnx_int8", "ONNX int8")):
+        if record.get(key):
+            lines.append(f"{label}: {record[key]}")
+    for kind, g in record.get("int8", {}).items():
+        if isinstance(g, dict):
+            lines.append(
+                f"int8 {kind}: {record['int8']['split']} accuracy {g['int8_accuracy']:.4f} (float "
+                f"{g['float_accuracy']:.4f}, drop {g['drop_points']:+.2f} points, top-1 agreement "
+                f"{g['top1_agreement']:.4f}): {'published' if g['published'] else 'not published'}"
+            )
+    for kind, c in record["parity"].items():
+        lines.append(
+            f"parity {kind}: {c['images']} images, max |diff| {c['max_abs_diff']:.1e}, "
+            f"identical classes: {c['identical_classes']}"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from tlkeras.evaluate import (
     trust_report,
     val_temperature,
 )
+from tlkeras.export import describe as describe_export
 from tlkeras.export import export_model
 from tlkeras.features import compute_features
 from tlkeras.litert import int8_data
@@ -735,14 +736,9 @@ def finish_run(
             exports.append(
                 export_model(model, base, cfg.export.name, first_test, info.class_names, folded, cfg.export, int8)
             )
-        log.info(
-            "exported version %d: %s and %s (parity max |diff| %.1e / %.1e)",
-            exports[0]["version"],
-            exports[0]["savedmodel"],
-            exports[0]["onnx"],
-            exports[0]["parity"]["savedmodel"]["max_abs_diff"],
-            exports[0]["parity"]["onnx"]["max_abs_diff"],
-        )
+        log.info("exported version %d:", exports[0]["version"])
+        for line in describe_export(exports[0]):
+            log.info("  %s", line)
 
     last = records[final]
     summary = {
