@@ -63,7 +63,9 @@ def test_recipe_yaml_round_trips_as_a_config(tmp_path):
 
 
 def test_a_budget_too_short_for_phase_1_says_what_it_needs(monkeypatch):
-    monkeypatch.setattr(recipe_module, "measure_throughput", lambda cfg, res, depths: (20.0, {d: 5.0 for d in depths}))
+    monkeypatch.setattr(
+        recipe_module, "measure_throughput", lambda cfg, res, depths: (20.0, {d: 5.0 for d in depths}, 10.0)
+    )
     cfg = load_config(None, ["data.dataset=./photos", "runtime.time_budget_minutes=1"])
     with pytest.raises(
         recipe_module.UserError, match=r"time_budget_minutes=1 is too short .* at least \d+\.\d minutes"
@@ -74,7 +76,7 @@ def test_a_budget_too_short_for_phase_1_says_what_it_needs(monkeypatch):
 def test_a_budget_shrinks_the_recipe_to_fit(monkeypatch):
     # 100 frozen images/s and 20 fine-tuning images/s at 160: 3,000 images take 2.5 min an epoch
     monkeypatch.setattr(
-        recipe_module, "measure_throughput", lambda cfg, res, depths: (100.0, {d: 20.0 for d in depths})
+        recipe_module, "measure_throughput", lambda cfg, res, depths: (100.0, {d: 20.0 for d in depths}, 50.0)
     )
     cfg = load_config(None, ["data.dataset=./photos", "runtime.time_budget_minutes=6", "evaluate.enabled=false"])
     recipe = Recipe(cfg)
@@ -90,15 +92,23 @@ def test_a_tiny_budget_stops_training_gracefully_and_ships(mock_cifar, tmp_path,
     the best head so far is tested and the run finishes."""
     from tlkeras.training import train_and_evaluate
 
-    monkeypatch.setattr(recipe_module, "measure_throughput", lambda cfg, res, depths: (1e4, {d: 1e4 for d in depths}))
+    monkeypatch.setattr(
+        recipe_module, "measure_throughput", lambda cfg, res, depths: (1e4, {d: 1e4 for d in depths}, 1.0)
+    )
     monkeypatch.setattr(
         recipe_module,
         "plan_budget",
         lambda *a, **k: {"fits": True, "resolution": 32, "unfreeze": "block5", "finetune_epochs": 1, "estimate_s": 1},
     )
-    # 12 s, less START_S (10 s) for what follows training: the deadline passes in set-up
-    overrides = tiny_overrides(**{"head.epochs": "50", "runtime.time_budget_minutes": "0.2"})
+    # 12 s, less START_S (20 s) and the slow passes of what follows training: the deadline
+    # passes in set-up, and the trust report cannot fit
+    overrides = tiny_overrides(
+        **{"head.epochs": "50", "runtime.time_budget_minutes": "0.2", "evaluate.enabled": "true"}
+    )
     summary = train_and_evaluate(load_config(None, overrides), tmp_path)
+    # the report does not fit either: skipped, and said so; the exports are not
+    assert summary["trust_report"] is None and summary["trust_report_skipped_for_budget"]
+    assert not (tmp_path / "report.json").exists()
     head = summary["phases"]["head"]
     assert head["stopped_at_budget"] and head["epochs_run"] == 1
     assert "finetune" not in summary["phases"]  # the budget was spent
@@ -125,17 +135,133 @@ def test_an_auto_run_on_a_folder_writes_its_recipe(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "overrides, images, fixed",
+    "overrides, parts",
     [
-        (["evaluate.enabled=false", "evaluate.fold_temperature=false", "export.enabled=false"], 300, 20.0),
-        (["evaluate.enabled=false", "export.enabled=false"], 600, 70.0),  # + val temperature
-        (["evaluate.enabled=false", "export.litert=false", "export.int8_onnx=false"], 600, 140.0),
+        # the cut epoch's val and the test split, then nothing
+        (["evaluate.enabled=false", "evaluate.fold_temperature=false", "export.enabled=false"], [(600, 20.0)]),
+        (["evaluate.enabled=false", "export.enabled=false"], [(600, 20.0), (300, 50.0)]),  # + val temperature
+        (["evaluate.enabled=false", "export.litert=false", "export.int8_onnx=false"], [(600, 20), (300, 50), (0, 70)]),
         # every export: LiteRT and two int8 variants, each 256 calibration images + 300 gated
-        (["evaluate.enabled=false"], 600 + 2 * 556, 180.0),
-        # the quick report: 2 x 300 test, 300 val, 1,400 corrupted, 4,500 attack passes
-        (["export.enabled=false"], 300 + 600 + 300 + 1400 + 4500, 20.0),
+        (["evaluate.enabled=false"], [(600, 20.0), (300, 50.0), (2 * 556, 110.0)]),
+        # the quick report: 2 x 300 test, 300 val, 40 corrupted and 32 attacked images
+        (["export.enabled=false"], [(600, 20.0), (600 + 300 + 40 * 53 + 32 * 54, 0.0)]),
     ],
 )
-def test_what_follows_training_is_charged_to_the_budget(overrides, images, fixed):
+def test_what_follows_training_is_charged_to_the_budget(overrides, parts):
     cfg = load_config(None, ["data.dataset=./photos", *overrides])
-    assert recipe_module.after_training(cfg, PHOTOS) == (images, fixed)
+    charged = recipe_module.after_training(cfg, PHOTOS)
+    assert list(charged) == list(recipe_module.AFTER_PARTS)
+    assert [part for part in charged.values() if part != (0, 0.0)] == parts
+
+
+def test_a_small_run_is_not_charged_for_the_passes_its_report_skips():
+    cfg = load_config(None, ["data.dataset=./photos", "export.enabled=false"])
+    small = Survey(num_train=221, num_val=24, num_test=153, short_side=375)
+    assert recipe_module.after_training(cfg, small)["report"] == (2 * 153 + 24, 0.0)
+
+
+def _budget_recipe(monkeypatch, minutes=10, feature_ips=100.0, finetune_ips=20.0):
+    monkeypatch.setattr(
+        recipe_module,
+        "measure_throughput",
+        lambda cfg, res, depths: (feature_ips, {d: finetune_ips for d in depths}, feature_ips / 3),
+    )
+    cfg = load_config(None, ["data.dataset=./photos", f"runtime.time_budget_minutes={minutes}"])
+    recipe = Recipe(cfg)
+    recipe.before_data(PHOTOS, start=recipe_module.time.perf_counter())
+    return recipe
+
+
+def test_a_slower_run_than_measured_moves_the_deadline_earlier(monkeypatch):
+    as_measured, slower = _budget_recipe(monkeypatch, 30), _budget_recipe(monkeypatch, 30)
+    now = slower.end - 1500
+    as_planned = as_measured.after_head(0.95, now=now, feature_images_per_s=as_measured.feature_ips)
+    # phase 1's feature pass ran at half the measured speed: what follows will too
+    chosen = slower.after_head(0.95, now=now, feature_images_per_s=slower.feature_ips / 2)
+    assert slower.slowdown == 2.0 and as_measured.slowdown == 1.0
+    assert slower.end - slower.deadline == pytest.approx(2 * (as_measured.end - as_measured.deadline))
+    # fewer fine-tuning epochs, those that fit the time left at the slower speed
+    assert 1 <= chosen.finetune.epochs < as_planned.finetune.epochs
+    epoch_s = 2 * (
+        PHOTOS.num_train / slower.finetune_ips[chosen.finetune.unfreeze] + PHOTOS.num_val / slower.feature_ips
+    )
+    assert chosen.finetune.epochs * epoch_s <= slower.deadline - now
+    # a freak measurement is bounded
+    slower.observe(100.0)
+    assert slower.slowdown == 4.0
+
+
+def test_the_trust_report_is_affordable_only_with_the_exports_after_it(monkeypatch):
+    recipe = _budget_recipe(monkeypatch)
+    export_s = recipe.seconds("export")
+    report_s = recipe.seconds("report")
+    assert report_s > 0 and export_s > 0
+    assert recipe.affordable("report", now=recipe.end - report_s - export_s - 1)
+    assert not recipe.affordable("report", now=recipe.end - report_s - export_s + 1)
+    assert recipe.affordable("export", now=recipe.end - export_s - 1)
+    assert Recipe(load_config(None, ["data.dataset=./photos"])).affordable("report", now=1e12)  # no budget
+
+
+def test_deadline_stop_measures_the_steps_and_stops_at_the_deadline(monkeypatch):
+    recipe = _budget_recipe(monkeypatch, 30)
+    clock = iter(range(int(recipe.end) - 1500, int(recipe.end), 5))  # a step every 5 s
+    monkeypatch.setattr(recipe_module.time, "perf_counter", lambda: float(next(clock)))
+    stop = recipe_module.DeadlineStop(recipe, batch_size=10, planned_images_per_s=4.0)
+    stop.set_model(type("M", (), {"stop_training": False})())
+    stop.on_epoch_begin(0)
+    for step in range(6):
+        stop.on_train_batch_end(step)
+    # 10 images every 5 s = 2 images/s where 4 were planned: half speed, so all estimates double
+    assert recipe.slowdown == 2.0 and not stop.stopped
+    while not stop.stopped:
+        stop.on_train_batch_end(0)
+    assert stop.model.stop_training and stop.last >= recipe.deadline
+
+
+def test_a_resumed_budget_run_keeps_its_recipe_and_counts_the_time_spent_before(monkeypatch, tmp_path, caplog):
+    import os
+    import time
+
+    first = _budget_recipe(monkeypatch, 10)
+    chosen = first.after_head(0.95, now=first.end - 500, feature_images_per_s=first.feature_ips)
+    first.write(tmp_path)
+    # the first start 1,000 s ago; the last file written 120 s after it, then a kill
+    started = time.time() - 1000
+    saved = rundir.read_json(tmp_path / "budget.json")
+    rundir.write_json(tmp_path / "budget.json", {**saved, "started": started})
+    for path in tmp_path.iterdir():
+        os.utime(path, (started + 120, started + 120))
+    caplog.set_level("INFO", logger="tlkeras")
+    resumed = Recipe(load_config(None, ["data.dataset=./photos", "runtime.time_budget_minutes=10"]))
+    start = recipe_module.time.perf_counter()
+    assert resumed.before_data(PHOTOS, start, resumed=tmp_path) == chosen
+    assert resumed.end == pytest.approx(start + 600 - 120, abs=1)
+    assert "2.0 of 10 minutes were spent" in caplog.text
+    resumed.log("before training")
+    # the time left is not re-planned: a resumed schedule must equal the interrupted one
+    assert resumed.after_head(0.5, now=resumed.end - 10, feature_images_per_s=1.0) == chosen
+    resumed.log("after phase 1")
+    assert caplog.text.count("recipe (") == 1  # the same table is not shown twice
+
+
+def test_a_budget_leaves_out_the_trust_report_before_refusing(monkeypatch, caplog):
+    # the shipped model's passes at 2 images/s: the report's ~6,000 take 50 min; phase 1 and
+    # the exports fit in 10
+    with_report = _budget_recipe(monkeypatch, 60, feature_ips=100.0, finetune_ips=20.0)
+    assert not with_report.report_dropped and not with_report.skips_report(now=with_report.end - 3000)
+    monkeypatch.setattr(
+        recipe_module, "measure_throughput", lambda cfg, res, depths: (100.0, {d: 20.0 for d in depths}, 2.0)
+    )
+    cfg = load_config(None, ["data.dataset=./photos", "runtime.time_budget_minutes=12"])
+    recipe = Recipe(cfg)
+    recipe.before_data(PHOTOS, start=recipe_module.time.perf_counter())
+    assert recipe.report_dropped and recipe.skips_report()
+    assert recipe.after["report"] == (PHOTOS.num_val, recipe_module.CALIBRATION_S)  # the val temperature only
+    assert "trust report does not fit" in caplog.text
+
+
+def test_a_large_budget_buys_more_fine_tuning_than_the_auto_count(monkeypatch):
+    auto = Recipe(load_config(None, ["data.dataset=./photos"])).before_data(PHOTOS)
+    budget = _budget_recipe(monkeypatch, 120)
+    assert auto.finetune.epochs == 3 and budget.cfg.finetune.epochs == 10  # the CPU bound
+    assert "time budget 120 min" in budget.reasons["finetune.epochs"]

@@ -499,7 +499,8 @@ def bench_phase1(cfg, quick: bool) -> list[dict[str, Any]]:
         if cached:
             start = time.perf_counter()
             extractor, head = split_at_features(model)
-            train, val, _ = cached_feature_data(extractor, cfg, splits)
+            with tempfile.TemporaryDirectory() as features:  # computed here, never reused
+                train, val, _, _ = cached_feature_data(extractor, cfg, splits, Path(features))
             trained = head
         else:
             flip = tf.image.random_flip_left_right  # per image, like the guide's RandomFlip

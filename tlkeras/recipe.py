@@ -31,6 +31,7 @@ from tlkeras.bases import BASES
 from tlkeras.config import AUTO, Config, dump_yaml, is_folder, to_flat_dict
 from tlkeras.errors import UserError
 from tlkeras.policies import (
+    FINETUNE_EPOCHS,
     TOP_BLOCK,
     assign_splits,
     auto_batch_size,
@@ -45,14 +46,22 @@ from tlkeras.rundir import RECIPE
 
 log = logging.getLogger("tlkeras")
 HEADER_SAMPLE = 64  # image headers read to estimate the photos' size: milliseconds
-# Seconds after training that do not scale with the images, measured with VGG16 at 160x160
-# on the 2 busy cores of a hymenoptera run (docs/recipes.md): the float model rebuilt and
-# saved, the confusion matrix; the val temperature fit; SavedModel + ONNX with parity
-# checks (66 s); a LiteRT conversion (a guess from the ONNX one).
+# Seconds after training that do not scale with the images, measured with VGG16 on the 2
+# cores of a quiet 2-core CPU (docs/recipes.md): the float model rebuilt and saved, the
+# confusion matrix; the val temperature fit; SavedModel + ONNX with their parity checks; a
+# LiteRT conversion. Multiplied by the slowdown the run observes (Recipe.slowdown).
 START_S = 20.0
+# The quick report's corruptions (7 kinds x 5 severities, made on the CPU) and attacks
+# (FGSM at 4 strengths, PGD-10 at 4), in forward passes per image: measured as 44 s for 40
+# images and 36 s for 32 at 48 float32 passes/s (VGG16, 128x128, quiet).
+CORRUPTION_PASSES = 53
+ATTACK_PASSES = 54
 CALIBRATION_S = 50.0
 EXPORT_S = 70.0
 LITERT_S = 40.0
+# What follows training, in order: each part is (frozen-speed forward passes, fixed s).
+AFTER_PARTS = ("test", "report", "export")
+BUDGET = "budget.json"  # the measured speeds and the first start: a resumed run's deadline
 
 
 @dataclass(frozen=True)
@@ -126,11 +135,17 @@ class Recipe:
         self.accelerator = accelerator
         self.reasons: dict[str, str] = {}
         self.budget_s = cfg.runtime.time_budget_minutes * 60 if cfg.runtime.time_budget_minutes else None
-        self.deadline: float | None = None  # perf_counter time by which training must stop
-        self.after_s = 0.0  # estimated seconds of test, report and export after training
+        self.end: float | None = None  # perf_counter time by which the whole run must end
+        self.after: dict[str, tuple[int, float]] = {}  # what follows training (after_training)
+        self.slowdown = self._said = 1.0  # the run's own time / the planned time for the same work
         self.finetune_ips: dict[str, float] = {}
         self.feature_ips = 0.0
+        self.inference_ips = 0.0  # the shipped float32 model's forward passes: what follows training
         self.num_train = self.num_val = 0
+        self.resumed = False  # a resumed run keeps its recipe: only its deadline is set again
+        self.report_dropped = False  # the trust report left out of the plan to fit the budget
+        self.started = 0.0  # time.time() of the first start (budget.json)
+        self._shown = ""
 
     # -- choosing
 
@@ -155,14 +170,17 @@ class Recipe:
         `resumed`: the run folder of a resumed run, whose recipe.yaml is kept as it is (a
         budget counts from the first start and is not planned again)."""
         user = self.cfg
+        start = time.perf_counter() if start is None else start
         if resumed is not None and (resumed / RECIPE).exists():
             from tlkeras.config import load_config
 
             self.num_train, self.num_val = data.num_train, data.num_val
             self.cfg = load_config(resumed / RECIPE)
+            self.resumed = True
             for key, value in to_flat_dict(user).items():
                 if value == AUTO:
                     self.reasons[key] = f"as chosen before the interruption ({RECIPE})"
+            self._resume_budget(resumed, start)
             return self.cfg
         backbone = user.model.backbone
         self.num_train, self.num_val = data.num_train, data.num_val
@@ -172,32 +190,47 @@ class Recipe:
         self._choose("head.epochs", head, head_why)
         self._choose("finetune.epochs", finetune, ft_why)
         if self.budget_s is not None:
-            self._fit_budget(user, data, start if start is not None else time.perf_counter())
+            self._fit_budget(user, data, start)
         return self.cfg
 
-    def observed(self, num_train: int, num_val: int) -> None:
-        """The split sizes as loaded (the survey's are estimates)."""
+    def observed(self, num_train: int, num_val: int, num_test: int) -> None:
+        """The split sizes as loaded (the survey's are estimates): what follows training is
+        charged for them."""
         self.num_train, self.num_val = num_train, num_val
+        if self.end is not None and not self.resumed:
+            cfg = (
+                dataclasses.replace(self.user, evaluate=self._no_report(self.user))
+                if self.report_dropped
+                else self.user
+            )
+            self.after = after_training(cfg, Survey(num_train, num_val, num_test, None))
 
-    def after_head(self, probe_accuracy: float | None, now: float | None = None) -> Config:
+    def after_head(
+        self, probe_accuracy: float | None, now: float | None = None, feature_images_per_s: float | None = None
+    ) -> Config:
         """Fine-tuning depth and rate from the dataset size and phase 1's val accuracy; with
-        a budget, never deeper than planned and only the epochs still affordable."""
+        a budget, never deeper than planned and only the epochs still affordable.
+        `feature_images_per_s`: the frozen base's speed in phase 1's feature pass (None if
+        the features were reused): the estimates of what follows are scaled by how far it
+        fell short of the measured one."""
         n, backbone = self.num_train, self.cfg.model.backbone
-        if self.deadline_passed(now):
+        if self.end is not None and feature_images_per_s:
+            self.observe(self.feature_ips / feature_images_per_s)
+        if self.deadline_passed(now) and not self.resumed:
             self._set("finetune.epochs", 0, "the time budget is spent")
         unfreeze, why = auto_unfreeze(n, probe_accuracy, backbone, self.accelerator)
         planned = self.cfg.finetune.unfreeze  # the budget's deepest affordable depth, or still auto
-        if self.user.finetune.unfreeze == AUTO and planned != AUTO:
+        if self.user.finetune.unfreeze == AUTO and planned != AUTO and not self.resumed:
             if depth_index(backbone, unfreeze) < depth_index(backbone, planned):
                 unfreeze, why = planned, f"{why}; no deeper than the time budget allows"
             self._set("finetune.unfreeze", unfreeze, why)
         else:
             self._choose("finetune.unfreeze", unfreeze, why)
         self._choose("finetune.learning_rate", *auto_finetune_rate(n, probe_accuracy))
-        if self.deadline is not None and self.user.finetune.epochs == AUTO:
+        if self.deadline is not None and self.user.finetune.epochs == AUTO and not self.resumed:
             now = time.perf_counter() if now is None else now
             ips = self.finetune_ips.get(self.cfg.finetune.unfreeze) or min(self.finetune_ips.values())
-            epoch_s = self.num_train / ips + self.num_val / self.feature_ips
+            epoch_s = (self.num_train / ips + self.num_val / self.feature_ips) * self.slowdown
             fit = max(0, int((self.deadline - now) // epoch_s))
             if fit < self.cfg.finetune.epochs:
                 self._set("finetune.epochs", fit, f"{fit} epochs of ~{epoch_s:.0f} s fit the time left")
@@ -214,25 +247,32 @@ class Recipe:
         else:
             resolutions = [res]
         depths = [user.finetune.unfreeze] if user.finetune.unfreeze != AUTO else _depth_candidates(data, backbone)
-        self.feature_ips, self.finetune_ips = measure_throughput(self.cfg, res, depths)
+        self.feature_ips, self.finetune_ips, self.inference_ips = measure_throughput(self.cfg, res, depths)
         mirrored = user.data.augment and user.head.mirrored_features
-        after_images, fixed = after_training(user, data)
         elapsed = time.perf_counter() - start
         left = self.budget_s - elapsed
-        finetune_max = self.cfg.finetune.epochs
-        plan = plan_budget(
-            left,
-            (data.num_train, data.num_val),
-            self.feature_ips,
-            self.finetune_ips,
-            res,
-            resolutions,
-            self.cfg.head.epochs,
-            finetune_max,
-            after_images,
-            fixed,
-            mirrored,
-        )
+        # A budget buys fine-tuning epochs up to the policy's bound, not only the auto count:
+        # the best epoch by val accuracy is kept, so more epochs cost time, not accuracy.
+        finetune_max = FINETUNE_EPOCHS[self.accelerator][1] if user.finetune.epochs == AUTO else user.finetune.epochs
+
+        def plan_for(after: dict[str, tuple[int, float]]) -> dict:
+            after_images, fixed = (sum(part) for part in zip(*after.values()))
+            after_images = round(after_images * self.feature_ips / self.inference_ips)  # in frozen passes
+            counts = (data.num_train, data.num_val)
+            speeds = (self.feature_ips, self.finetune_ips, res, resolutions)
+            lengths = (self.cfg.head.epochs, finetune_max)
+            return plan_budget(left, counts, *speeds, *lengths, after_images, fixed, mirrored)
+
+        self.after = after_training(user, data)
+        plan = plan_for(self.after)
+        if not plan["fits"] and user.evaluate.enabled:  # the trust report goes first, the exports never
+            without = after_training(dataclasses.replace(user, evaluate=self._no_report(user)), data)
+            if plan_for(without)["fits"]:
+                self.after, plan, self.report_dropped = without, plan_for(without), True
+                log.warning(
+                    "time budget: the quick trust report does not fit and is left out; "
+                    "python -m tlkeras.evaluate --run-dir <run> runs it after training"
+                )
         minutes = self.budget_s / 60
         if not plan["fits"]:
             need = (plan["need_s"] + elapsed) / 60
@@ -245,13 +285,14 @@ class Recipe:
             self._set("model.resolution", plan["resolution"], why)
         if user.finetune.unfreeze == AUTO:
             self._set("finetune.unfreeze", plan["unfreeze"], f"{why}; at most this deep (final choice after phase 1)")
-        if user.finetune.epochs == AUTO and plan["finetune_epochs"] != finetune_max:
-            self._set("finetune.epochs", plan["finetune_epochs"], why)
+        if user.finetune.epochs == AUTO and plan["finetune_epochs"] != self.cfg.finetune.epochs:
+            self._set("finetune.epochs", plan["finetune_epochs"], f"{why}; at most {finetune_max} epochs")
         scale = (res / self.cfg.model.resolution) ** 2
         self.feature_ips *= scale
+        self.inference_ips *= scale
         self.finetune_ips = {k: v * scale for k, v in self.finetune_ips.items()}
-        self.after_s = after_images / self.feature_ips + fixed
-        self.deadline = start + self.budget_s - self.after_s
+        self.end = start + self.budget_s
+        self.started = time.time() - (time.perf_counter() - start)
         log.info(
             "recipe: time budget %.1f min: estimated %.1f min (frozen %.0f images/s, fine-tuning %s images/s at %dx%d)",
             minutes,
@@ -262,8 +303,64 @@ class Recipe:
             self.cfg.model.resolution,
         )
 
+    def _resume_budget(self, run_dir: Path, start: float) -> None:
+        """The deadline of a resumed budget run: the budget less the time the run had spent
+        when it stopped (its last file write), counted from this start."""
+        saved = rundir.read_json(run_dir / BUDGET)
+        if self.budget_s is None or not saved:
+            return
+        self.feature_ips, self.finetune_ips = saved["feature_ips"], saved["finetune_ips"]
+        self.inference_ips, self.report_dropped = saved["inference_ips"], saved["report_dropped"]
+        self.after = {part: tuple(value) for part, value in saved["after"].items()}
+        self.started = saved["started"]
+        now = time.time() - (time.perf_counter() - start)  # this start: what this process wrote is newer
+        written = [path.stat().st_mtime for path in run_dir.rglob("*") if path.is_file()]
+        spent = max([self.started, *(t for t in written if t < now)]) - self.started
+        self.end = start + max(0.0, self.budget_s - spent)
+        log.info(
+            "time budget: %.1f of %g minutes were spent before the interruption; the rest counts from now",
+            spent / 60,
+            self.budget_s / 60,
+        )
+
+    @staticmethod
+    def _no_report(cfg: Config):
+        return dataclasses.replace(cfg.evaluate, enabled=False)
+
+    def skips_report(self, now: float | None = None) -> bool:
+        """Whether the quick trust report is left out to end within the budget: planned so,
+        or it no longer fits with the exports after it."""
+        return self.report_dropped or not self.affordable("report", now)
+
+    def seconds(self, *parts: str) -> float:
+        """Estimated seconds of these parts of what follows training (AFTER_PARTS), at the
+        measured frozen speed times the slowdown observed so far."""
+        return self.slowdown * sum(self.after[p][0] / self.inference_ips + self.after[p][1] for p in parts)
+
+    @property
+    def deadline(self) -> float | None:
+        """perf_counter time by which training must stop for the rest to end by the
+        budget; None without a budget."""
+        return None if self.end is None else self.end - self.seconds(*AFTER_PARTS)
+
     def deadline_passed(self, now: float | None = None) -> bool:
         return self.deadline is not None and (time.perf_counter() if now is None else now) >= self.deadline
+
+    def observe(self, slowdown: float) -> None:
+        """The run's own time over the planned time for the same work (>1: slower than
+        measured, e.g. other jobs started); kept within 0.5-4 against a freak measurement."""
+        self.slowdown = min(4.0, max(0.5, slowdown))
+        if abs(self.slowdown - self._said) > 0.15 * self._said:
+            self._said = self.slowdown
+            log.info("time budget: this run takes %.2fx the time measured at its start", self.slowdown)
+
+    def affordable(self, part: str, now: float | None = None) -> bool:
+        """Whether `part` of what follows training, and every part after it, still ends
+        within the budget (always True without one)."""
+        if self.end is None:
+            return True
+        rest = AFTER_PARTS[AFTER_PARTS.index(part) :]
+        return (time.perf_counter() if now is None else now) + self.seconds(*rest) <= self.end
 
     # -- reporting
 
@@ -283,9 +380,18 @@ class Recipe:
         )
         yaml.safe_load(text)  # never write a file that does not load
         rundir.write_atomic(run_dir / RECIPE, text)
+        if self.end is not None and not self.resumed:  # what a resumed run's deadline is set from
+            speeds = {"feature_ips": self.feature_ips, "finetune_ips": self.finetune_ips}
+            state = {"started": self.started, **speeds, "inference_ips": self.inference_ips, "after": self.after}
+            state["report_dropped"] = self.report_dropped
+            rundir.write_json(run_dir / BUDGET, state)
 
     def log(self, stage: str) -> None:
-        log.info("recipe (%s):\n%s", stage, self.table())
+        """The table, unless it is the one logged last (a resumed run after phase 1)."""
+        table = self.table()
+        if table != self._shown:
+            self._shown = table
+            log.info("recipe (%s):\n%s", stage, table)
 
 
 def data_settings(cfg: Config, accelerator: bool = False) -> Config:
@@ -295,22 +401,35 @@ def data_settings(cfg: Config, accelerator: bool = False) -> Config:
     return Recipe(dataclasses.replace(cfg, runtime=runtime), accelerator=accelerator).before_data(survey(cfg.data))
 
 
-def after_training(cfg: Config, data: Survey) -> tuple[int, float]:
-    """(frozen-speed forward passes, fixed seconds) of what follows training: the test
-    split, the quick trust report (clean + TTA, val calibration, 7 x 5 corruptions of 40
-    images, FGSM and PGD-10 on 32 images: about 4,500 passes), the val temperature, the
-    exports (each int8 variant: its calibration images and its test-accuracy gate)."""
-    images, fixed = data.num_test, START_S
+def after_training(cfg: Config, data: Survey) -> dict[str, tuple[int, float]]:
+    """{part: (frozen-speed forward passes, fixed seconds)} of what follows training, in
+    AFTER_PARTS order: "test" (the cut epoch's validation, the test split, the model
+    saved), "report" (the quick trust report: clean + TTA, val calibration, and unless a
+    small run skips them, corruptions and attacks; without it, the val temperature
+    alone), "export" (each int8 variant: its calibration images and its test-accuracy
+    gate). Passes are of the shipped float32 model."""
+    from tlkeras.evaluate import quick_skip_reason
+
+    test = (data.num_val + data.num_test, START_S)
+    report = (0, 0.0)
     if cfg.evaluate.enabled:
-        images += 2 * min(data.num_test, cfg.evaluate.quick_test_images) + data.num_val + 7 * 5 * 40 + 4500
+        tested = min(data.num_test, cfg.evaluate.quick_test_images)
+        hard = 0
+        if not quick_skip_reason(data.num_train, tested):
+            e = cfg.evaluate
+            hard = CORRUPTION_PASSES * e.quick_corruption_images + ATTACK_PASSES * e.quick_adversarial_images
+        report = (2 * tested + data.num_val + hard, 0.0)
     elif cfg.evaluate.fold_temperature:
-        images, fixed = images + data.num_val, fixed + CALIBRATION_S
+        report = (data.num_val, CALIBRATION_S)
+    export = (0, 0.0)
     if cfg.export.enabled:
-        fixed += EXPORT_S + (LITERT_S if cfg.export.litert else 0.0)
         gate = min(data.num_test, cfg.export.int8_test_images or data.num_test)
         variants = cfg.export.int8_onnx + (cfg.export.litert and cfg.export.int8_litert)
-        images += variants * (cfg.export.calibration_images + gate)
-    return images, fixed
+        export = (
+            variants * (cfg.export.calibration_images + gate),
+            EXPORT_S + (LITERT_S if cfg.export.litert else 0.0),
+        )
+    return {"test": test, "report": report, "export": export}
 
 
 def _get(cfg: Config, key: str):
@@ -335,8 +454,11 @@ def _depth_candidates(data: Survey, backbone: str) -> list[str]:
 
 
 def measure_throughput(cfg: Config, resolution: int, depths: list[str], batch: int = 16) -> tuple[float, dict]:
-    """(frozen base images/s, {depth: fine-tuning images/s}) at `resolution`, on random
-    images, after one untimed step each (tracing): about 20-40 s for VGG16 on 2 cores."""
+    """(frozen base images/s, {depth: fine-tuning images/s}, float32 forward images/s) at
+    `resolution`, on random images, after one untimed step each (tracing): about 30-50 s
+    for VGG16 on 2 cores. The last is the speed of the shipped model, which computes in
+    float32 whatever the training precision (3-4x slower than bfloat16 on AMX), for the
+    test, the trust report and the exports' checks."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -366,21 +488,48 @@ def measure_throughput(cfg: Config, resolution: int, depths: list[str], batch: i
         set_finetune_trainable(model, depth)
         model.compile(optimizer=keras.optimizers.Adam(1e-5), loss="sparse_categorical_crossentropy")
         finetune_ips[depth] = timed(lambda: model.train_on_batch(images, labels))
-    return feature_ips, finetune_ips
+    inference_ips = feature_ips
+    policy = keras.mixed_precision.global_policy()
+    if policy.compute_dtype != "float32":
+        try:
+            keras.mixed_precision.set_global_policy("float32")
+            shipped = build_model(model_cfg, info, load_weights=False)
+            shipped_forward = tf.function(lambda x: shipped(x, training=False))
+            inference_ips = timed(lambda: shipped_forward(images).numpy(), 2)
+        finally:
+            keras.mixed_precision.set_global_policy(policy)
+    return feature_ips, finetune_ips, inference_ips
 
 
 class DeadlineStop(keras.callbacks.Callback):
-    """Ends `fit` at the first step boundary after `deadline` (time.perf_counter) by
+    """Ends `fit` at the first step boundary after `recipe.deadline` by
     model.stop_training: Keras still validates the cut epoch and the checkpoint callback
-    keeps the best weights, so the run goes on to test and export them."""
+    keeps the best weights, so the run goes on to test and export them. With
+    `planned_images_per_s` (fine-tuning), the steps' own speed, timed between batches
+    within an epoch, updates `recipe.slowdown`, and with it the deadline."""
 
-    def __init__(self, deadline: float):
+    def __init__(self, recipe: Recipe, batch_size: int, planned_images_per_s: float | None = None):
         super().__init__()
-        self.deadline = deadline
+        self.recipe = recipe
+        self.batch_size = batch_size
+        self.planned = planned_images_per_s
         self.stopped = False
+        self.last: float | None = None
+        self.images = 0
+        self.seconds = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.last = None  # the first step of an epoch waits for the input pipeline to refill
 
     def on_train_batch_end(self, batch, logs=None):
-        if not self.stopped and time.perf_counter() >= self.deadline:
+        now = time.perf_counter()
+        if self.last is not None:
+            self.images += self.batch_size
+            self.seconds += now - self.last
+        self.last = now
+        if self.planned and self.seconds >= 20:  # enough steps to be a measurement
+            self.recipe.observe(self.planned / (self.images / self.seconds))
+        if not self.stopped and self.recipe.deadline_passed(now):
             self.stopped = True
             self.model.stop_training = True
             log.warning("time budget: training stops after this step; the best weights so far are shipped")

@@ -3,6 +3,7 @@
 runs/<timestamp>-<name>/
   config.yaml  environment.json  train.log       written first / appended
   recipe.yaml                                    the config with every "auto" resolved (tlkeras.recipe)
+  budget.json                                    with a time budget: the speeds measured, the first start
   dataset.json                                   DatasetInfo: class names, storage size, counts
   metrics.csv  tensorboard/                      one epoch axis across both phases
   checkpoints/{head,finetune}_best.weights.h5    best by validation accuracy

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from tlkeras.config import add_config_arguments
@@ -34,6 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()  # a time budget counts from here: TensorFlow's import is in it
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         created = not run_dir.exists()
         parent_created = not run_dir.parent.exists()  # runs/ on a first try
         try:
-            train_and_evaluate(cfg, run_dir, argv)
+            train_and_evaluate(cfg, run_dir, argv, started)
         except UserError as e:
             # Bad data or weights, or a stop, before any training: leave no folder behind,
             # and then a stop's hint must not name it.

@@ -277,9 +277,10 @@ def load_or_compute_features(folder: Path, part: str, fingerprint: str, compute)
 
 def cached_feature_data(
     extractor: keras.Model, cfg: Config, splits: Splits, run_dir: Path
-) -> tuple[Any, tf.data.Dataset, float]:
+) -> tuple[Any, tf.data.Dataset, float, float | None]:
     """Phase 1's train epochs (`data.feature_epochs`) and val set as features of the frozen
-    base, computed once; each part is kept in run_dir/features/ and reused by a resumed run."""
+    base, computed once; each part is kept in run_dir/features/ and reused by a resumed run.
+    Also returns the seconds taken and the images/s (None when every part was reused)."""
     start = time.perf_counter()
     folder, key = run_dir / "features", features_fingerprint(cfg, splits.info)
     mirror = cfg.data.augment and cfg.head.mirrored_features
@@ -311,7 +312,7 @@ def cached_feature_data(
         log.info("head: features of %d images (%s) reused from %s", images, what, folder)
     train = feature_epochs(features, labels, cfg.data.batch_size, cfg.seed, flipped)
     val = feature_dataset(val_features, val_labels, cfg.data.batch_size)
-    return train, val, seconds
+    return train, val, seconds, (images / seconds if computed else None)
 
 
 def fit_phase(
@@ -324,10 +325,10 @@ def fit_phase(
     epochs: int,
     init_weights: Path | None,
     stop: GracefulStop | None = None,
-    deadline: float | None = None,
+    recipe: Recipe | None = None,
 ) -> dict[str, Any]:
     """Trains one phase (resuming its backup if any, mid-epoch) and returns its record;
-    stops at the first step boundary after `deadline` (time.perf_counter), if given."""
+    with a time budget (`recipe`), stops at the first step boundary after its deadline."""
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
     best_path = ckpt_dir / f"{phase}_best.weights.h5"
@@ -388,7 +389,10 @@ def fit_phase(
         strategy.num_replicas_in_sync,
     )
 
-    budget = [DeadlineStop(deadline)] if deadline is not None else []
+    budget = []
+    if recipe is not None and recipe.end is not None:
+        planned = recipe.finetune_ips.get(cfg.finetune.unfreeze) if phase == "finetune" else None
+        budget = [DeadlineStop(recipe, cfg.data.batch_size, planned)]
     guard = []
     if adversarial:  # after CSVLogger: metrics.csv keeps the same columns in both phases
         n = cfg.finetune.robust_check_images
@@ -425,8 +429,10 @@ def fit_phase(
     ]
     start = time.perf_counter()
     with read_errors(cfg.data):
-        train_epochs, val, features_s = (
-            cached_feature_data(extractor, cfg, splits, run_dir) if extractor else (splits.epochs, splits.val, None)
+        train_epochs, val, features_s, features_ips = (
+            cached_feature_data(extractor, cfg, splits, run_dir)
+            if extractor
+            else (splits.epochs, splits.val, None, None)
         )
     weights = balanced_class_weights(splits.info.train_class_counts) if cfg.data.class_weight else None
     fit = dict(validation_data=val, class_weight=weights, callbacks=callbacks)
@@ -470,6 +476,7 @@ def fit_phase(
         record["stopped_at_budget"] = True  # runtime.time_budget_minutes: the best epoch so far is kept
     if features_s is not None:  # phase 1 only: part of its wall time
         record["feature_extraction_s"] = round(features_s, 1)
+        record["feature_images_per_s"] = features_ips and round(features_ips, 1)
     if adversarial:
         record["adversarial"] = {
             "method": "FGSM with random start (Wong et al. 2020)",
@@ -511,14 +518,15 @@ def _fit_epochs(trained, train_epochs, begin: int, end: int, skip: int, steps: i
     return losses, last_epoch
 
 
-def train_and_evaluate(cfg: Config, run_dir: Path, argv: list[str] = ()) -> dict[str, Any]:
-    """Both phases, the test evaluation, exports and summary.json in `run_dir`.
+def train_and_evaluate(cfg: Config, run_dir: Path, argv: list[str] = (), start: float | None = None) -> dict[str, Any]:
+    """Both phases, the test evaluation, exports and summary.json in `run_dir`; `start`
+    (time.perf_counter) is when the command began, from which a time budget counts.
 
     Under MultiWorkerMirroredStrategy every worker trains, but only the chief writes
     `run_dir`; the others work in a private temporary copy of its resume state (so a
     restarted cluster resumes at the same epoch everywhere) and delete it at the end.
     """
-    start = time.perf_counter()
+    start = time.perf_counter() if start is None else start
     cluster = json.loads(os.environ["TF_CONFIG"])["cluster"] if "TF_CONFIG" in os.environ else {}
     peers = [address for addresses in cluster.values() for address in addresses]
     with peer_watchdog(cfg.runtime.peer_timeout_s, peers) if peers else contextlib.nullcontext():
@@ -601,7 +609,7 @@ def _train(
 
     splits = make_datasets(cfg.data, cfg.seed, cfg.model.resolution)
     info = splits.info
-    recipe.observed(info.num_train, info.num_val)
+    recipe.observed(info.num_train, info.num_val, info.num_test)
     log.info(
         "data: %s (%s), %d classes, %s; %d train, %d val, %d test images",
         info.name,
@@ -639,7 +647,7 @@ def _train(
     epoch = 0
     for phase in PHASES:
         if phase == "finetune" and "head" in records:  # depth and rate from the frozen features' val accuracy
-            cfg = recipe.after_head(records["head"]["val_accuracy"])
+            cfg = recipe.after_head(records["head"]["val_accuracy"], None, records["head"].get("feature_images_per_s"))
             recipe.log("after phase 1")
             if chief:
                 recipe.write(run_dir)
@@ -650,7 +658,7 @@ def _train(
         if record:
             log.info("%s: finished earlier (val_accuracy %.4f); not redone", phase, record["val_accuracy"])
         else:
-            record = fit_phase(phase, cfg, strategy, splits, run_dir, epoch, epochs, weights, stop, recipe.deadline)
+            record = fit_phase(phase, cfg, strategy, splits, run_dir, epoch, epochs, weights, stop, recipe)
         records[phase] = record
         weights = run_dir / record["best_weights"]
         epoch += epochs
@@ -661,7 +669,7 @@ def _train(
         "per_replica_batch": per_replica,
         "precision": precision,
     }
-    return finish_run(cfg, run_dir, splits, records, chief, start, setup)
+    return finish_run(cfg, run_dir, splits, records, chief, start, setup, recipe)
 
 
 def finish_run(
@@ -672,6 +680,7 @@ def finish_run(
     chief: bool,
     start: float,
     setup: dict[str, Any],
+    recipe: Recipe | None = None,
 ) -> dict[str, Any]:
     """After the phases (`records`: each phase's record): the shipped weights, the best of
     the phase with the higher val accuracy, tested once on the test split and saved as
@@ -715,7 +724,18 @@ def finish_run(
         model.save(tmp)
 
     # The trust report (quick) fits the temperature; without it, only the temperature is fitted.
-    report = trust_report(model, cfg, splits, run_dir, quick=True, test=test) if cfg.evaluate.enabled else None
+    # Under a time budget the report goes first when it no longer fits; the exports never do.
+    skip_report = cfg.evaluate.enabled and recipe is not None and recipe.skips_report()
+    if skip_report:
+        log.warning(
+            "time budget: trust report skipped to end in time; python -m tlkeras.evaluate --run-dir %s runs it",
+            run_dir,
+        )
+    report = (
+        trust_report(model, cfg, splits, run_dir, quick=True, test=test)
+        if cfg.evaluate.enabled and not skip_report
+        else None
+    )
     temperature = None
     if report:
         temperature = report["calibration"]["temperature"]
@@ -751,6 +771,7 @@ def finish_run(
         **setup,
         "recipe": rundir.RECIPE,  # the settings used, every "auto" resolved, with the reasons
         "time_budget_minutes": cfg.runtime.time_budget_minutes,
+        "trust_report_skipped_for_budget": skip_report,
         "weights_sha256": fingerprint,
         "temperature": temperature,  # fitted on val; folded into the exports with evaluate.fold_temperature
         "exports_calibrated": bool(cfg.evaluate.fold_temperature and temperature not in (None, 1.0)),
