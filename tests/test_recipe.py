@@ -34,7 +34,7 @@ def test_auto_settings_are_chosen_with_reasons_and_explicit_ones_win(tmp_path):
     recipe = Recipe(cfg, replicas=1, accelerator=False)
     chosen = recipe.before_data(PHOTOS)
     assert (chosen.data.batch_size, chosen.model.resolution, chosen.head.epochs) == (64, 160, 7)
-    assert chosen.finetune.epochs == 3  # BiT's 256,000 images seen / 32 on a CPU, over 3,000
+    assert chosen.finetune.epochs == 10  # BiT's 256,000 images seen / 8 on a CPU, over 3,000: 10.7, capped
     assert chosen.finetune.learning_rate == "auto"  # decided after phase 1
     chosen = recipe.after_head(0.6)
     assert (chosen.finetune.unfreeze, chosen.finetune.learning_rate) == ("block4", 1e-4)
@@ -160,7 +160,7 @@ def test_a_small_run_is_not_charged_for_the_passes_its_report_skips():
     assert recipe_module.after_training(cfg, small)["report"] == (2 * 153 + 24, 0.0)
 
 
-def _budget_recipe(monkeypatch, minutes=10, feature_ips=100.0, finetune_ips=20.0):
+def _budget_recipe(monkeypatch, minutes=10, feature_ips=100.0, finetune_ips=20.0, data=PHOTOS):
     monkeypatch.setattr(
         recipe_module,
         "measure_throughput",
@@ -168,7 +168,7 @@ def _budget_recipe(monkeypatch, minutes=10, feature_ips=100.0, finetune_ips=20.0
     )
     cfg = load_config(None, ["data.dataset=./photos", f"runtime.time_budget_minutes={minutes}"])
     recipe = Recipe(cfg)
-    recipe.before_data(PHOTOS, start=recipe_module.time.perf_counter())
+    recipe.before_data(data, start=recipe_module.time.perf_counter())
     return recipe
 
 
@@ -261,7 +261,8 @@ def test_a_budget_leaves_out_the_trust_report_before_refusing(monkeypatch, caplo
 
 
 def test_a_large_budget_buys_more_fine_tuning_than_the_auto_count(monkeypatch):
-    auto = Recipe(load_config(None, ["data.dataset=./photos"])).before_data(PHOTOS)
-    budget = _budget_recipe(monkeypatch, 120)
-    assert auto.finetune.epochs == 3 and budget.cfg.finetune.epochs == 10  # the CPU bound
-    assert "time budget 120 min" in budget.reasons["finetune.epochs"]
+    many = Survey(num_train=8000, num_val=800, num_test=800, short_side=375)
+    auto = Recipe(load_config(None, ["data.dataset=./photos"])).before_data(many)
+    budget = _budget_recipe(monkeypatch, 400, data=many)
+    assert auto.finetune.epochs == 4 and budget.cfg.finetune.epochs == 10  # the CPU bound
+    assert "time budget 400 min" in budget.reasons["finetune.epochs"]

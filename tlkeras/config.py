@@ -149,9 +149,10 @@ class RuntimeConfig:
     # Multi-worker: seconds a worker waits for its peers to answer before it stops with
     # an error naming them (rather than hanging).
     peer_timeout_s: float = 600.0
-    # Fit the auto settings to this many minutes of wall time (test, report and export
-    # included), after measuring this machine's speed for a few seconds; training stops at
-    # a step boundary and ships the best weights if the estimate was wrong. null: no budget.
+    # Fit the auto settings to this many minutes of wall time from the command's start
+    # (test, report and export included), after measuring this machine's speed for 30-50 s;
+    # the trust report is left out first if it cannot fit; training stops at a step
+    # boundary and ships the best weights if the estimate was wrong. null: no budget.
     time_budget_minutes: float | None = None
 
 
