@@ -69,6 +69,7 @@ def test_data_refused_before_training_leaves_no_run_folder(tmp_path, capsys):
     root = make_image_folder(tmp_path / "one", {"cats": 4})
     _, err = run_train(capsys, "--run-dir", str(tmp_path / "runs" / "run"), *sets(**{"data.dataset": str(root)}))
     assert "has one class" in err and not (tmp_path / "runs").exists()  # nor the runs/ it made
+    assert "preparing" not in err and "recipe" not in err  # refused from the listing, before any work
     (tmp_path / "kept").mkdir()  # a folder the user made is theirs: only its start-up files are written
     run_train(capsys, "--run-dir", str(tmp_path / "kept"), *sets(**{"data.dataset": str(root)}))
     assert (tmp_path / "kept" / "train.log").is_file()

@@ -663,6 +663,11 @@ def test_the_default_run_folder_is_named_after_the_base_and_the_data(tmp_path):
         None, ["model.backbone=mobilenet_v2", "finetune.unfreeze=all", f"data.dataset={tmp_path}/my photos"]
     )
     assert rundir.default_run_dir(cfg).name.endswith("-mobilenet_v2-my photos")
+    # a folder name in Latin-1 bytes (not UTF-8): the run folder's name is printable UTF-8
+    latin = tmp_path.joinpath(os.fsdecode(b"caf\xe9 photos"))
+    latin.mkdir()
+    name = rundir.default_run_dir(load_config(None, [f"data.dataset={latin}"])).name
+    assert name.endswith("-vgg16-caf_ photos") and name.encode("utf-8")
     assert rundir.default_run_dir(load_config(None)).name.endswith("-vgg16-cifar10")
     assert rundir.default_run_dir(load_config(None, ["name=exp1"])).name.endswith("-exp1")
 

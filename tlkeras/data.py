@@ -528,6 +528,11 @@ def list_folder(root: Path, key: str = "data.dataset") -> tuple[dict[str, dict[s
                 f"{shown(folder)}/<class>/<image> ({FORMAT_NAMES})"
             )
         tree[split] = classes
+    if len(tree["train"]) < 2:  # before any image is decoded
+        raise UserError(
+            f"{key}='{shown(root)}' has one class ({next(iter(tree['train']))}); a classifier needs at least 2 "
+            f"class subfolders"
+        )
     names = {split: sorted(classes) for split, classes in tree.items()}
     reference = names["train"]
     for split, found in names.items():
@@ -594,11 +599,6 @@ def _folder_source(cfg: DataConfig, model_size: int, seed: int):
     if line:
         log.log(level, "%s", line)
     class_names = tuple(sorted(next(iter(tree.values()))))
-    if len(class_names) < 2:
-        raise UserError(
-            f"data.dataset='{shown(root)}' has one class ({class_names[0]}); a classifier needs at least 2 class "
-            f"subfolders"
-        )
     good = {
         split: {c: [p for p in files if str(p) not in bad] for c, files in classes.items()}
         for split, classes in tree.items()

@@ -52,6 +52,9 @@ def default_run_dir(cfg: Config, kind: str = "") -> Path:
     a `kind` other than training goes before the name (runs/<time>-doctor-<name>)."""
     data = cfg.data.dataset
     dataset = Path(data).expanduser().resolve().name if is_folder(data) else data
+    # A folder name that is not UTF-8 (surrogate-escaped bytes) would make a run folder no
+    # console or tool shows right: those bytes become "_".
+    dataset = "".join("_" if 0xDC80 <= ord(c) <= 0xDCFF or not c.isprintable() else c for c in dataset)
     name = cfg.name or f"{cfg.model.backbone}-{dataset}"
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{f'{kind}-' if kind else ''}{name}"
 
