@@ -206,7 +206,7 @@ def test_deadline_stop_measures_the_steps_and_stops_at_the_deadline(monkeypatch)
     recipe = _budget_recipe(monkeypatch, 30)
     clock = iter(range(int(recipe.end) - 1500, int(recipe.end), 5))  # a step every 5 s
     monkeypatch.setattr(recipe_module.time, "perf_counter", lambda: float(next(clock)))
-    stop = recipe_module.DeadlineStop(recipe, batch_size=10, planned_images_per_s=4.0)
+    stop = recipe_module.DeadlineStop(recipe, images_per_call=10, planned_images_per_s=4.0)
     stop.set_model(type("M", (), {"stop_training": False})())
     stop.on_epoch_begin(0)
     for step in range(6):

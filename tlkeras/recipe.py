@@ -453,7 +453,9 @@ def _depth_candidates(data: Survey, backbone: str) -> list[str]:
     return list(dict.fromkeys([deepest, TOP_BLOCK[backbone]]))
 
 
-def measure_throughput(cfg: Config, resolution: int, depths: list[str], batch: int = 16) -> tuple[float, dict]:
+def measure_throughput(
+    cfg: Config, resolution: int, depths: list[str], batch: int = 16
+) -> tuple[float, dict[str, float], float]:
     """(frozen base images/s, {depth: fine-tuning images/s}, float32 forward images/s) at
     `resolution`, on random images, after one untimed step each (tracing): about 30-50 s
     for VGG16 on 2 cores. The last is the speed of the shipped model, which computes in
@@ -508,10 +510,10 @@ class DeadlineStop(keras.callbacks.Callback):
     `planned_images_per_s` (fine-tuning), the steps' own speed, timed between batches
     within an epoch, updates `recipe.slowdown`, and with it the deadline."""
 
-    def __init__(self, recipe: Recipe, batch_size: int, planned_images_per_s: float | None = None):
+    def __init__(self, recipe: Recipe, images_per_call: int, planned_images_per_s: float | None = None):
         super().__init__()
         self.recipe = recipe
-        self.batch_size = batch_size
+        self.images_per_call = images_per_call  # the global batch x runtime.steps_per_execution
         self.planned = planned_images_per_s
         self.stopped = False
         self.last: float | None = None
@@ -524,7 +526,7 @@ class DeadlineStop(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         now = time.perf_counter()
         if self.last is not None:
-            self.images += self.batch_size
+            self.images += self.images_per_call
             self.seconds += now - self.last
         self.last = now
         if self.planned and self.seconds >= 20:  # enough steps to be a measurement

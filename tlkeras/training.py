@@ -392,7 +392,7 @@ def fit_phase(
     budget = []
     if recipe is not None and recipe.end is not None:
         planned = recipe.finetune_ips.get(cfg.finetune.unfreeze) if phase == "finetune" else None
-        budget = [DeadlineStop(recipe, cfg.data.batch_size, planned)]
+        budget = [DeadlineStop(recipe, cfg.data.batch_size * cfg.runtime.steps_per_execution, planned)]
     guard = []
     if adversarial:  # after CSVLogger: metrics.csv keeps the same columns in both phases
         n = cfg.finetune.robust_check_images
