@@ -8,7 +8,7 @@ from tlkeras import frontier
 from tlkeras.config import dump_yaml, load_config
 
 
-def _run(root, name, backbone, train, minutes, accuracy, finished=True):
+def _run(root, name, backbone, train, minutes, accuracy, finished=True, budget=None):
     run = root / name
     run.mkdir()
     cfg = load_config(
@@ -22,7 +22,8 @@ def _run(root, name, backbone, train, minutes, accuracy, finished=True):
     )
     (run / "config.yaml").write_text(dump_yaml(cfg))
     if finished:
-        (run / "summary.json").write_text(json.dumps({"test_accuracy": accuracy, "wall_time_s": minutes * 60}))
+        summary = {"test_accuracy": accuracy, "wall_time_s": minutes * 60, "time_budget_minutes": budget}
+        (run / "summary.json").write_text(json.dumps(summary))
     (run / "dataset.json").write_text(json.dumps({"num_train": train}))
     return run
 
@@ -30,7 +31,7 @@ def _run(root, name, backbone, train, minutes, accuracy, finished=True):
 def test_points_table_and_plot(tmp_path, capsys):
     runs = [
         _run(tmp_path, "a", "vgg16", 5000, 16.0, 0.8568),
-        _run(tmp_path, "b", "mobilenet_v2", 5000, 9.5, 0.88),
+        _run(tmp_path, "b", "mobilenet_v2", 5000, 9.5, 0.88, budget=10),
         _run(tmp_path, "c", "mobilenet_v2", 48000, 25.0, 0.93),
         _run(tmp_path, "d", "vgg16", 48000, 50.0, 0.91, finished=False),
     ]
@@ -45,7 +46,9 @@ def test_points_table_and_plot(tmp_path, capsys):
     ]
     assert len(rows) == 3  # the unfinished run is skipped, and said so
     assert "skipped" in printed.err and "/d" in printed.err
-    assert rows[0].startswith("| mobilenet_v2 | 5000 | 96 | block_13 | 10 | 9.5 | 0.8800")  # sorted: size, base, time
+    # sorted: size, base, time; with a budget, the wall time over it
+    assert rows[0].startswith("| mobilenet_v2 | 5000 | 96 | block_13 | 10 | 9.5 | 10 min, 0.95x | 0.8800")
+    assert "| 16.0 | - | 0.8568 |" in rows[1]
     assert out.stat().st_size > 10_000 and out.read_bytes()[:4] == b"\x89PNG"
     assert frontier.read_point(runs[1])["minutes"] == 9.5
 

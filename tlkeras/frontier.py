@@ -3,9 +3,10 @@
     python -m tlkeras.frontier runs/fr/* [--out frontier.png]
 
 Reads each finished run folder (summary.json, config.yaml), prints one table row per run
-and plots test accuracy against end-to-end wall time (minutes), a panel per number of
-training images and a line per base. Other paths (unfinished runs, files, damaged
-folders) are listed on stderr with the reason and skipped.
+(with runtime.time_budget_minutes, the wall time over the budget) and plots test accuracy
+against end-to-end wall time (minutes), a panel per number of training images and a line
+per base. Other paths (unfinished runs, files, damaged folders) are listed on stderr with
+the reason and skipped.
 The times are those of the machine each run was trained on (summary.json does not
 know whether it was shared): compare runs made on one idle machine.
 """
@@ -45,12 +46,19 @@ def read_point(run_dir: Path) -> dict[str, Any]:
             "finetune_epochs": cfg.finetune.epochs,
             "minutes": round(float(summary["wall_time_s"]) / 60, 1),
             "test_accuracy": float(summary["test_accuracy"]),
+            "budget_minutes": summary.get("time_budget_minutes"),  # runtime.time_budget_minutes
         }
     except (OSError, ValueError, KeyError, TypeError, UserError) as e:  # JSON, YAML, missing keys
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(
             f"unreadable summary.json, config.yaml or dataset.json ({type(e).__name__}: {reason})"
         ) from None
+
+
+def budget_column(point: dict[str, Any]) -> str:
+    """'5 min, 1.02x' (the wall time over the budget) for a run with a time budget, else '-'."""
+    budget = point["budget_minutes"]
+    return f"{budget:g} min, {point['minutes'] / budget:.2f}x" if budget else "-"
 
 
 def check_out(path: Path) -> None:
@@ -122,12 +130,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"skipped {run_dir}: {e}", file=sys.stderr)
         if not points:
             raise UserError(f"none of the {len(args.runs)} paths is a finished run folder (with summary.json)")
-        print("| base | train images | input px | unfreeze | ft epochs | minutes | test accuracy | run |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| base | train images | input px | unfreeze | ft epochs | minutes | budget | test accuracy | run |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for p in sorted(points, key=lambda p: (p["train_images"], p["backbone"], p["minutes"])):
             print(
                 f"| {p['backbone']} | {p['train_images']} | {p['resolution']} | {p['unfreeze']} | "
-                f"{p['finetune_epochs']} | {p['minutes']} | {p['test_accuracy']:.4f} | {p['run']} |"
+                f"{p['finetune_epochs']} | {p['minutes']} | {budget_column(p)} | {p['test_accuracy']:.4f} | "
+                f"{p['run']} |"
             )
         if len({p["dataset"] for p in points}) > 1:
             print(
