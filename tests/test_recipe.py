@@ -100,8 +100,8 @@ def test_a_tiny_budget_stops_training_gracefully_and_ships(mock_cifar, tmp_path,
         "plan_budget",
         lambda *a, **k: {"fits": True, "resolution": 32, "unfreeze": "block5", "finetune_epochs": 1, "estimate_s": 1},
     )
-    # 12 s, less START_S (20 s) and the slow passes of what follows training: the deadline
-    # passes in set-up, and the trust report cannot fit
+    # 12 s, less the slow passes of what follows training (1 image/s): the deadline passes
+    # in set-up, and the trust report cannot fit
     overrides = tiny_overrides(
         **{"head.epochs": "50", "runtime.time_budget_minutes": "0.2", "evaluate.enabled": "true"}
     )
@@ -134,17 +134,26 @@ def test_an_auto_run_on_a_folder_writes_its_recipe(tmp_path):
     assert "# Why:" in (tmp_path / "run" / "recipe.yaml").read_text()
 
 
+R = recipe_module
+CUT_AND_TEST = (600, R.START_S)  # the cut epoch's 300 val images and the 300 test images
+
+
 @pytest.mark.parametrize(
     "overrides, parts",
     [
-        # the cut epoch's val and the test split, then nothing
-        (["evaluate.enabled=false", "evaluate.fold_temperature=false", "export.enabled=false"], [(600, 20.0)]),
-        (["evaluate.enabled=false", "export.enabled=false"], [(600, 20.0), (300, 50.0)]),  # + val temperature
-        (["evaluate.enabled=false", "export.litert=false", "export.int8_onnx=false"], [(600, 20), (300, 50), (0, 70)]),
-        # every export: LiteRT and two int8 variants, each 256 calibration images + 300 gated
-        (["evaluate.enabled=false"], [(600, 20.0), (300, 50.0), (2 * 556, 110.0)]),
+        (["evaluate.enabled=false", "evaluate.fold_temperature=false", "export.enabled=false"], [CUT_AND_TEST]),
+        (["evaluate.enabled=false", "export.enabled=false"], [CUT_AND_TEST, (300, R.CALIBRATION_S)]),  # + val T
+        (
+            ["evaluate.enabled=false", "export.litert=false", "export.int8_onnx=false"],
+            [CUT_AND_TEST, (300, R.CALIBRATION_S), (0, R.EXPORT_S)],
+        ),
+        # every export: LiteRT and two int8 variants, each calibrated on 256 images and gated on 300
+        (
+            ["evaluate.enabled=false"],
+            [CUT_AND_TEST, (300, R.CALIBRATION_S), (2 * (R.INT8_CALIBRATION_PASSES * 256 + 300), 40.0)],
+        ),
         # the quick report: 2 x 300 test, 300 val, 40 corrupted and 32 attacked images
-        (["export.enabled=false"], [(600, 20.0), (600 + 300 + 40 * 53 + 32 * 54, 0.0)]),
+        (["export.enabled=false"], [CUT_AND_TEST, (600 + 300 + 40 * 53 + 32 * 54, R.REPORT_S)]),
     ],
 )
 def test_what_follows_training_is_charged_to_the_budget(overrides, parts):
@@ -157,7 +166,7 @@ def test_what_follows_training_is_charged_to_the_budget(overrides, parts):
 def test_a_small_run_is_not_charged_for_the_passes_its_report_skips():
     cfg = load_config(None, ["data.dataset=./photos", "export.enabled=false"])
     small = Survey(num_train=221, num_val=24, num_test=153, short_side=375)
-    assert recipe_module.after_training(cfg, small)["report"] == (2 * 153 + 24, 0.0)
+    assert recipe_module.after_training(cfg, small)["report"] == (2 * 153 + 24, recipe_module.REPORT_S)
 
 
 def _budget_recipe(monkeypatch, minutes=10, feature_ips=100.0, finetune_ips=20.0, data=PHOTOS):
@@ -245,14 +254,14 @@ def test_a_resumed_budget_run_keeps_its_recipe_and_counts_the_time_spent_before(
 
 
 def test_a_budget_leaves_out_the_trust_report_before_refusing(monkeypatch, caplog):
-    # the shipped model's passes at 2 images/s: the report's ~6,000 take 50 min; phase 1 and
-    # the exports fit in 10
+    # the shipped model's passes at 15 images/s: the report's ~4,700 take 5 min; phase 1 and
+    # the exports fit in 12
     with_report = _budget_recipe(monkeypatch, 60, feature_ips=100.0, finetune_ips=20.0)
     assert not with_report.report_dropped and not with_report.skips_report(now=with_report.end - 3000)
     monkeypatch.setattr(
-        recipe_module, "measure_throughput", lambda cfg, res, depths: (100.0, {d: 20.0 for d in depths}, 2.0)
+        recipe_module, "measure_throughput", lambda cfg, res, depths: (100.0, {d: 20.0 for d in depths}, 15.0)
     )
-    cfg = load_config(None, ["data.dataset=./photos", "runtime.time_budget_minutes=12"])
+    cfg = load_config(None, ["data.dataset=./photos", "runtime.time_budget_minutes=12", "model.resolution=160"])
     recipe = Recipe(cfg)
     recipe.before_data(PHOTOS, start=recipe_module.time.perf_counter())
     assert recipe.report_dropped and recipe.skips_report()
