@@ -196,3 +196,14 @@ def test_preflight_fails_in_seconds_without_tensorflow(tmp_path, setting, messag
 def test_seed_and_run_name_are_checked_with_the_config(setting, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, [setting])
+
+
+def test_a_time_budget_is_refused_for_multi_worker_training(tmp_path, monkeypatch):
+    from tlkeras.config import preflight
+    from tlkeras.errors import UserError
+
+    cfg = load_config(None, ["runtime.time_budget_minutes=10", "data.download=true"])
+    preflight(cfg, tmp_path / "run")  # one machine: planned
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["localhost:1", "localhost:2"]}}')
+    with pytest.raises(UserError, match="plans for one machine, not for the workers of TF_CONFIG"):
+        preflight(cfg, tmp_path / "run")

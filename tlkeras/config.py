@@ -377,6 +377,13 @@ def preflight(cfg: Config, run_dir: Path) -> None:
         )
     if not is_folder(cfg.data.dataset):
         _check_tfds_name(cfg.data.dataset, cfg.data.data_dir)
+    if cfg.runtime.time_budget_minutes and "TF_CONFIG" in os.environ:
+        # Each worker would measure its own speed and could plan another recipe or stop
+        # at another step, leaving its peers waiting in a collective.
+        raise UserError(
+            f"runtime.time_budget_minutes={cfg.runtime.time_budget_minutes:g} plans for one machine, not for "
+            f"the workers of TF_CONFIG; set runtime.time_budget_minutes=null and give the epochs explicitly"
+        )
     if cfg.data.data_dir and not cfg.data.download and not Path(cfg.data.data_dir).expanduser().is_dir():
         raise UserError(
             f"data.data_dir='{cfg.data.data_dir}': no such folder (and data.download=false); give "
