@@ -275,3 +275,12 @@ def test_a_large_budget_buys_more_fine_tuning_than_the_auto_count(monkeypatch):
     budget = _budget_recipe(monkeypatch, 400, data=many)
     assert auto.finetune.epochs == 4 and budget.cfg.finetune.epochs == 10  # the CPU bound
     assert "time budget 400 min" in budget.reasons["finetune.epochs"]
+
+
+def test_a_run_ahead_of_its_plan_spends_the_time_on_fine_tuning(monkeypatch):
+    recipe = _budget_recipe(monkeypatch, 30)
+    planned = recipe.cfg.finetune.epochs
+    # phase 1 over at once, at the measured speed: more epochs fit than the plan kept for it
+    chosen = recipe.after_head(0.95, now=recipe.end - recipe.budget_s, feature_images_per_s=recipe.feature_ips)
+    assert planned < chosen.finetune.epochs <= recipe.finetune_max == 10
+    assert "fit the time left after phase 1" in recipe.reasons["finetune.epochs"]

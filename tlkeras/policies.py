@@ -306,6 +306,9 @@ def auto_finetune_rate(num_train: int, probe_accuracy: float | None) -> tuple[fl
 HEAD_EPOCH_S = 0.5  # a phase-1 epoch on cached features: Keras's per-epoch work dominates (2 busy cores)
 
 
+PLAN_MARGIN = 0.9  # of a time budget, planned; the rest absorbs the estimates' error
+
+
 def plan_budget(
     budget_s: float,
     counts: tuple[int, int],
@@ -318,7 +321,7 @@ def plan_budget(
     after_images: int = 0,
     fixed_s: float = 0.0,
     mirrored: bool = True,
-    margin: float = 0.9,
+    margin: float = PLAN_MARGIN,
 ) -> dict:
     """The largest recipe that fits `budget_s` seconds: a resolution, a fine-tuning depth
     and a number of fine-tuning epochs. Pure: the throughputs are measured by the caller.

@@ -32,6 +32,7 @@ from tlkeras.config import AUTO, Config, dump_yaml, is_folder, to_flat_dict
 from tlkeras.errors import UserError
 from tlkeras.policies import (
     FINETUNE_EPOCHS,
+    PLAN_MARGIN,
     TOP_BLOCK,
     assign_splits,
     auto_batch_size,
@@ -150,6 +151,7 @@ class Recipe:
         self.slowdown = self._said = 1.0  # the run's own time / the planned time for the same work
         self.finetune_ips: dict[str, float] = {}
         self.feature_ips = 0.0
+        self.finetune_max = 0  # the most fine-tuning epochs a budget buys
         self.inference_ips = 0.0  # the shipped float32 model's forward passes: what follows training
         self.num_train = self.num_val = 0
         self.resumed = False  # a resumed run keeps its recipe: only its deadline is set again
@@ -241,9 +243,11 @@ class Recipe:
             now = time.perf_counter() if now is None else now
             ips = self.finetune_ips.get(self.cfg.finetune.unfreeze) or min(self.finetune_ips.values())
             epoch_s = (self.num_train / ips + self.num_val / self.feature_ips) * self.slowdown
-            fit = max(0, int((self.deadline - now) // epoch_s))
-            if fit < self.cfg.finetune.epochs:
-                self._set("finetune.epochs", fit, f"{fit} epochs of ~{epoch_s:.0f} s fit the time left")
+            # Both ways: a run faster than planned spends the time on fine-tuning, up to the
+            # bound; the margin is the plan's, for the estimate's error.
+            fit = min(self.finetune_max, max(0, int(PLAN_MARGIN * (self.deadline - now) // epoch_s)))
+            if fit != self.cfg.finetune.epochs:
+                self._set("finetune.epochs", fit, f"{fit} epochs of ~{epoch_s:.0f} s fit the time left after phase 1")
         return self.cfg
 
     # -- the budget
@@ -266,6 +270,7 @@ class Recipe:
         # A budget buys fine-tuning epochs up to the policy's bound, not only the auto count:
         # the best epoch by val accuracy is kept, so more epochs cost time, not accuracy.
         finetune_max = FINETUNE_EPOCHS[self.accelerator][1] if user.finetune.epochs == AUTO else user.finetune.epochs
+        self.finetune_max = finetune_max
 
         def plan_for(after: dict[str, tuple[int, float]]) -> dict:
             after_images, fixed = (sum(part) for part in zip(*after.values()))
@@ -362,8 +367,9 @@ class Recipe:
 
     def observe(self, slowdown: float) -> None:
         """The run's own time over the planned time for the same work (>1: slower than
-        measured, e.g. other jobs started); kept within 0.5-4 against a freak measurement."""
-        self.slowdown = min(4.0, max(0.5, slowdown))
+        measured, e.g. other jobs started); kept within 0.8-4: a pass that happened to run
+        faster than measured says less about what follows than a slower one."""
+        self.slowdown = min(4.0, max(0.8, slowdown))
         if abs(self.slowdown - self._said) > 0.15 * self._said:
             self._said = self.slowdown
             log.info("time budget: this run takes %.2fx the time measured at its start", self.slowdown)
@@ -491,14 +497,18 @@ def measure_throughput(
     extractor, _ = split_at_features(model)
     forward = tf.function(lambda x: extractor(x, training=False))
 
-    def timed(step, repeats: int = 2) -> float:
-        step()  # tracing and first-call allocation
-        begin = time.perf_counter()
-        for _ in range(repeats):
+    def timed(step, seconds: float = 2.0) -> float:
+        """images/s over at least two calls and `seconds`, after two untimed calls: the
+        first traces, the second still allocates (oneDNN primitives)."""
+        step()
+        step()
+        calls, begin = 0, time.perf_counter()
+        while calls < 2 or time.perf_counter() - begin < seconds:
             step()
-        return repeats * batch / (time.perf_counter() - begin)
+            calls += 1
+        return calls * batch / (time.perf_counter() - begin)
 
-    feature_ips = timed(lambda: forward(images).numpy(), 3)
+    feature_ips = timed(lambda: forward(images).numpy())
     finetune_ips = {}
     for depth in depths:
         set_finetune_trainable(model, depth)
@@ -511,7 +521,7 @@ def measure_throughput(
             keras.mixed_precision.set_global_policy("float32")
             shipped = build_model(model_cfg, info, load_weights=False)
             shipped_forward = tf.function(lambda x: shipped(x, training=False))
-            inference_ips = timed(lambda: shipped_forward(images).numpy(), 2)
+            inference_ips = timed(lambda: shipped_forward(images).numpy())
         finally:
             keras.mixed_precision.set_global_policy(policy)
     return feature_ips, finetune_ips, inference_ips
