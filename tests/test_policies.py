@@ -259,7 +259,9 @@ def test_auto_epochs_from_bit_buckets(num_train, batch, accelerator, head, finet
 @pytest.mark.parametrize(
     "num_train, probe, backbone, accelerator, unfreeze, rate",
     [
-        (220, 0.5, "vgg16", False, "block5", 1e-5),  # tiny data: top block, whatever the probe
+        (220, 0.8, "vgg16", False, "block5", 1e-4),  # tiny data, fair probe: top block; rate by the probe
+        (220, 0.5, "vgg16", False, "block3", 1e-4),  # tiny and far from ImageNet: deep is cheap on few images
+        (220, None, "vgg16", False, "block5", 1e-4),  # before phase 1 (a budget's plan): the top block
         (220, 0.95, "mobilenet_v2", False, "block_13", 1e-5),
         (3000, 0.95, "vgg16", False, "block5", 1e-5),  # close to ImageNet: shallow and slow
         (3000, 0.8, "vgg16", False, "block4", 1e-4),  # fair: a middle block, at the hand-tuned rate
