@@ -150,7 +150,7 @@ class RuntimeConfig:
     # an error naming them (rather than hanging).
     peer_timeout_s: float = 600.0
     # Fit the auto settings to this many minutes of wall time from the command's start
-    # (test, report and export included), after measuring this machine's speed for 30-50 s;
+    # (test, report and export included), after measuring this machine's speed for 10-20 s;
     # the trust report is left out first if it cannot fit; training stops at a step
     # boundary and ships the best weights if the estimate was wrong. null: no budget.
     time_budget_minutes: float | None = None

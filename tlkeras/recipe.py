@@ -477,8 +477,8 @@ def measure_throughput(
     cfg: Config, resolution: int, depths: list[str], batch: int = 16
 ) -> tuple[float, dict[str, float], float]:
     """(frozen base images/s, {depth: fine-tuning images/s}, float32 forward images/s) at
-    `resolution`, on random images, after one untimed step each (tracing): about 30-50 s
-    for VGG16 on 2 cores. The last is the speed of the shipped model, which computes in
+    `resolution`, on random images, each over >= 2 s after two untimed calls: 10-20 s for
+    VGG16 at 96-128 px on 2 cores. The last is the speed of the shipped model, which computes in
     float32 whatever the training precision (3-4x slower than bfloat16 on AMX), for the
     test, the trust report and the exports' checks."""
     import keras
