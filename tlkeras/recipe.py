@@ -210,12 +210,8 @@ class Recipe:
         charged for them."""
         self.num_train, self.num_val = num_train, num_val
         if self.end is not None and not self.resumed:
-            cfg = (
-                dataclasses.replace(self.user, evaluate=self._no_report(self.user))
-                if self.report_dropped
-                else self.user
-            )
-            self.after = after_training(cfg, Survey(num_train, num_val, num_test, None))
+            survey = Survey(num_train, num_val, num_test, None)
+            self.after = after_training(self.user, survey, report=not self.report_dropped)
 
     def after_head(
         self, probe_accuracy: float | None, now: float | None = None, feature_images_per_s: float | None = None
@@ -283,9 +279,10 @@ class Recipe:
         self.after = after_training(user, data)
         plan = plan_for(self.after)
         if not plan["fits"] and user.evaluate.enabled:  # the trust report goes first, the exports never
-            without = after_training(dataclasses.replace(user, evaluate=self._no_report(user)), data)
-            if plan_for(without)["fits"]:
-                self.after, plan, self.report_dropped = without, plan_for(without), True
+            without = after_training(user, data, report=False)
+            plan_without = plan_for(without)
+            if plan_without["fits"]:
+                self.after, plan, self.report_dropped = without, plan_without, True
                 log.warning(
                     "time budget: the quick trust report does not fit and is left out; "
                     "python -m tlkeras.evaluate --run-dir <run> runs it after training"
@@ -341,10 +338,6 @@ class Recipe:
             spent / 60,
             self.budget_s / 60,
         )
-
-    @staticmethod
-    def _no_report(cfg: Config):
-        return dataclasses.replace(cfg.evaluate, enabled=False)
 
     def skips_report(self, now: float | None = None) -> bool:
         """Whether the quick trust report is left out to end within the budget: planned so,
@@ -421,26 +414,27 @@ def data_settings(cfg: Config, accelerator: bool = False) -> Config:
     return Recipe(dataclasses.replace(cfg, runtime=runtime), accelerator=accelerator).before_data(survey(cfg.data))
 
 
-def after_training(cfg: Config, data: Survey) -> dict[str, tuple[int, float]]:
+def after_training(cfg: Config, data: Survey, report: bool = True) -> dict[str, tuple[int, float]]:
     """{part: (frozen-speed forward passes, fixed seconds)} of what follows training, in
     AFTER_PARTS order: "test" (the cut epoch's validation, the test split, the model
     saved), "report" (the quick trust report: clean + TTA, val calibration, and unless a
     small run skips them, corruptions and attacks; without it, the val temperature
     alone), "export" (each int8 variant: its calibration images and its test-accuracy
-    gate). Passes are of the shipped float32 model."""
+    gate). Passes are of the shipped float32 model. `report=False`: as if the trust report
+    were turned off (a budget leaving it out)."""
     from tlkeras.evaluate import quick_skip_reason
 
     test = (data.num_val + data.num_test, START_S)
-    report = (0, 0.0)
-    if cfg.evaluate.enabled:
+    charged = (0, 0.0)
+    if cfg.evaluate.enabled and report:
         tested = min(data.num_test, cfg.evaluate.quick_test_images)
         hard = 0
         if not quick_skip_reason(data.num_train, tested):
             e = cfg.evaluate
             hard = CORRUPTION_PASSES * e.quick_corruption_images + ATTACK_PASSES * e.quick_adversarial_images
-        report = (2 * tested + data.num_val + hard, REPORT_S)
+        charged = (2 * tested + data.num_val + hard, REPORT_S)
     elif cfg.evaluate.fold_temperature:
-        report = (data.num_val, CALIBRATION_S)
+        charged = (data.num_val, CALIBRATION_S)
     export = (0, 0.0)
     if cfg.export.enabled:
         gate = min(data.num_test, cfg.export.int8_test_images or data.num_test)
@@ -449,7 +443,7 @@ def after_training(cfg: Config, data: Survey) -> dict[str, tuple[int, float]]:
             variants * (INT8_CALIBRATION_PASSES * cfg.export.calibration_images + gate),
             EXPORT_S + (LITERT_S if cfg.export.litert else 0.0),
         )
-    return {"test": test, "report": report, "export": export}
+    return {"test": test, "report": charged, "export": export}
 
 
 def _get(cfg: Config, key: str):
