@@ -284,3 +284,12 @@ def test_a_run_ahead_of_its_plan_spends_the_time_on_fine_tuning(monkeypatch):
     chosen = recipe.after_head(0.95, now=recipe.end - recipe.budget_s, feature_images_per_s=recipe.feature_ips)
     assert planned < chosen.finetune.epochs <= recipe.finetune_max == 10
     assert "fit the time left after phase 1" in recipe.reasons["finetune.epochs"]
+
+
+def test_a_feature_pass_too_short_to_measure_does_not_rescale_the_estimates(monkeypatch):
+    recipe = _budget_recipe(monkeypatch, 30)
+    # 80 photos in 3 s, mostly tracing: it looks 2x slow, but says nothing of the machine
+    recipe.after_head(0.95, now=recipe.end - 1500, feature_images_per_s=recipe.feature_ips / 2, feature_seconds=3.0)
+    assert recipe.slowdown == 1.0
+    recipe.after_head(0.95, now=recipe.end - 1500, feature_images_per_s=recipe.feature_ips / 2, feature_seconds=40.0)
+    assert recipe.slowdown == 2.0

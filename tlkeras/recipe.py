@@ -72,6 +72,7 @@ INFERENCE_EFFICIENCY = 1.8
 FEATURE_PASS_EFFICIENCY = 0.7
 # What follows training, in order: each part is (frozen-speed forward passes, fixed s).
 AFTER_PARTS = ("test", "report", "export")
+MEASURE_S = 20.0  # seconds of a run's own work that make a measurement of its speed
 BUDGET = "budget.json"  # the measured speeds and the first start: a resumed run's deadline
 
 
@@ -214,15 +215,21 @@ class Recipe:
             self.after = after_training(self.user, survey, report=not self.report_dropped)
 
     def after_head(
-        self, probe_accuracy: float | None, now: float | None = None, feature_images_per_s: float | None = None
+        self,
+        probe_accuracy: float | None,
+        now: float | None = None,
+        feature_images_per_s: float | None = None,
+        feature_seconds: float | None = None,
     ) -> Config:
         """Fine-tuning depth and rate from the dataset size and phase 1's val accuracy; with
         a budget, never deeper than planned and only the epochs still affordable.
         `feature_images_per_s`: the frozen base's speed in phase 1's feature pass (None if
         the features were reused): the estimates of what follows are scaled by how far it
-        fell short of the measured one."""
+        fell short of the measured one, if the pass took `feature_seconds` >= MEASURE_S (a
+        pass of a few dozen images is mostly tracing: no measure of the machine)."""
         n, backbone = self.num_train, self.cfg.model.backbone
-        if self.end is not None and feature_images_per_s:
+        long_enough = feature_seconds is None or feature_seconds >= MEASURE_S
+        if self.end is not None and feature_images_per_s and long_enough:
             self.observe(self.feature_ips / feature_images_per_s)
         if self.deadline_passed(now) and not self.resumed:
             self._set("finetune.epochs", 0, "the time budget is spent")
@@ -547,7 +554,7 @@ class DeadlineStop(keras.callbacks.Callback):
             self.images += self.images_per_call
             self.seconds += now - self.last
         self.last = now
-        if self.planned and self.seconds >= 20:  # enough steps to be a measurement
+        if self.planned and self.seconds >= MEASURE_S:  # enough steps to be a measurement
             self.recipe.observe(self.planned / (self.images / self.seconds))
         if not self.stopped and self.recipe.deadline_passed(now):
             self.stopped = True

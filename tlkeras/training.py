@@ -647,7 +647,10 @@ def _train(
     epoch = 0
     for phase in PHASES:
         if phase == "finetune" and "head" in records:  # depth and rate from the frozen features' val accuracy
-            cfg = recipe.after_head(records["head"]["val_accuracy"], None, records["head"].get("feature_images_per_s"))
+            head = records["head"]
+            cfg = recipe.after_head(
+                head["val_accuracy"], None, head.get("feature_images_per_s"), head.get("feature_extraction_s")
+            )
             recipe.log("after phase 1")
             if chief:
                 recipe.write(run_dir)
