@@ -65,6 +65,7 @@ LIBRARY_LEVELS = {
     "h5py": logging.WARNING,
     "PIL": logging.WARNING,  # PNG chunk DEBUG lines when the root logger is at DEBUG
     "matplotlib": logging.WARNING,
+    "urllib3": logging.ERROR,  # a failed download's retries: the one error line says it all
 }
 
 
